@@ -1,0 +1,283 @@
+"""Shared pieces of the benchmarks: the MNIST split, the cached model, timing, and the peer libraries.
+
+The MNIST *test* set (the only MNIST file on these machines) is split in two: the first 8,000 images train the
+zoo ``cnn``, the last 2,000 evaluate it. Every figure in ``RESULTS.md`` uses the 2,000-image evaluation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bastion.data import load_mnist
+from bastion.models import build_model, load_model, save_model
+
+BENCH_DIR = Path(__file__).resolve().parent
+CACHE_DIR = BENCH_DIR / ".cache"
+N_TRAIN = 8_000
+N_EVAL = 2_000
+INPUT_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+
+# Training recipe of the benchmark model; any change here changes the cache key, so the model is retrained.
+TRAIN_CONFIG: dict[str, Any] = {
+    "arch": "cnn",
+    "seed": 0,
+    "epochs": 6,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "n_train": N_TRAIN,
+}
+
+PEERS = ("torchattacks", "foolbox", "art")
+_PEER_MODULES = {"torchattacks": "torchattacks", "foolbox": "foolbox", "art": "art"}
+_PEER_DISTRIBUTIONS = {
+    "torchattacks": "torchattacks",
+    "foolbox": "foolbox",
+    "art": "adversarial-robustness-toolbox",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def mnist_dir() -> Path:
+    """Where the MNIST IDX files are: ``$BASTION_MNIST_DIR``, else ``shared/data/mnist`` beside the repository."""
+    env = os.environ.get("BASTION_MNIST_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/mnist"
+
+
+@dataclass
+class Split:
+    """The training and evaluation halves of the MNIST test set (images in [0, 1], float32, (N, 1, 28, 28))."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+
+
+def load_split(directory: Path | None = None) -> Split:
+    """First 8,000 test images for training, last 2,000 for evaluation."""
+    directory = directory or mnist_dir()
+    if not directory.is_dir():
+        raise SystemExit(
+            f"MNIST not found at {directory}; put t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz there "
+            "or set BASTION_MNIST_DIR"
+        )
+    data = load_mnist(directory, split="test")
+    x, y = data.x, data.y
+    if x.shape[0] != N_TRAIN + N_EVAL:
+        raise SystemExit(f"expected the 10,000-image MNIST test set in {directory}, found {x.shape[0]} images")
+    return Split(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:])
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+def _cache_path() -> Path:
+    digest = hashlib.sha256(json.dumps(TRAIN_CONFIG, sort_keys=True).encode()).hexdigest()[:10]
+    return CACHE_DIR / f"mnist_{TRAIN_CONFIG['arch']}_{digest}.pt"
+
+
+def train_model(split: Split, *, log: Callable[[str], None] = print) -> nn.Module:
+    """Train the zoo ``cnn`` on the 8,000 training images with Adam; seeded, so a rerun gives the same weights."""
+    cfg = TRAIN_CONFIG
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["arch"], INPUT_SHAPE, NUM_CLASSES)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    n = split.x_train.shape[0]
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        t0 = time.perf_counter()
+        for start in range(0, n, cfg["batch_size"]):
+            idx = order[start : start + cfg["batch_size"]]
+            loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * idx.numel()
+        acc = accuracy(model, split.x_eval, split.y_eval)
+        log(
+            f"  epoch {epoch + 1}/{cfg['epochs']}: train loss {total / n:.4f}, "
+            f"eval accuracy {acc:.4f} ({time.perf_counter() - t0:.1f} s)"
+        )
+    return model.eval()
+
+
+def get_model(split: Split, *, retrain: bool = False, log: Callable[[str], None] = print) -> nn.Module:
+    """The benchmark model: loaded from ``benchmarks/.cache/`` when cached, trained (and cached) otherwise."""
+    path = _cache_path()
+    if path.exists() and not retrain:
+        try:
+            model = load_model(path)
+            log(f"model: loaded {path.relative_to(BENCH_DIR.parent)}")
+            return model.eval()
+        except Exception as exc:  # a stale cache from an older bastion: retrain rather than fail
+            log(f"model: could not load {path.name} ({type(exc).__name__}: {exc}); retraining")
+    log(f"model: training the zoo {TRAIN_CONFIG['arch']!r} on {N_TRAIN} MNIST images ({json.dumps(TRAIN_CONFIG)})")
+    t0 = time.perf_counter()
+    model = train_model(split, log=log)
+    log(f"model: trained in {time.perf_counter() - t0:.1f} s")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    log(f"model: cached at {path.relative_to(BENCH_DIR.parent)}")
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted classes, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    preds = [model(x[i : i + batch_size]).argmax(dim=1) for i in range(0, x.shape[0], batch_size)]
+    model.train(was_training)
+    return torch.cat(preds)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, x) == y).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Wall-clock seconds of one competitor over the measured (post-warm-up) runs."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    output: Any = None
+    error: str | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def spread(self) -> float:
+        """Largest minus smallest measured time."""
+        return max(self.seconds) - min(self.seconds) if self.seconds else float("nan")
+
+
+def time_alternating(
+    competitors: dict[str, Callable[[], Any]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Timing]:
+    """Time each callable with ``time.perf_counter``, interleaving them run by run (A B C, A B C, ...).
+
+    Interleaving spreads slow drifts of the machine (frequency scaling, a noisy neighbour) over every competitor
+    instead of charging them to whoever ran last. The first ``warmup`` rounds are run but not recorded. A
+    competitor that raises is reported with its error and dropped from later rounds; the others go on. The output
+    of the last run of each is kept in ``Timing.output``.
+    """
+    timings = {name: Timing(name) for name in competitors}
+    for rnd in range(warmup + repeats):
+        measured = rnd >= warmup
+        for name, fn in competitors.items():
+            t = timings[name]
+            if t.error is not None:
+                continue
+            start = time.perf_counter()
+            try:
+                out = fn()
+            except Exception as exc:
+                t.error = f"{type(exc).__name__}: {exc}"
+                if log:
+                    log(f"  {name}: failed ({t.error})")
+                continue
+            elapsed = time.perf_counter() - start
+            t.output = out
+            if measured:
+                t.seconds.append(elapsed)
+            if log:
+                tag = f"run {rnd - warmup + 1}/{repeats}" if measured else "warm-up"
+                log(f"  {tag:>9}  {name:<28} {elapsed:8.3f} s")
+    return timings
+
+
+# ----------------------------------------------------------------------------------------------------------- peers
+@dataclass
+class Peer:
+    """A peer library as found in this environment."""
+
+    name: str
+    module: Any | None
+    version: str | None
+    reason: str | None  # why it is unavailable, when it is
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None
+
+
+def load_peer(name: str) -> Peer:
+    """Import a peer library, or say why it cannot be used (not installed, or broken on this Python/NumPy)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version(_PEER_DISTRIBUTIONS[name])
+    except metadata.PackageNotFoundError:
+        version = None
+    try:
+        module = importlib.import_module(_PEER_MODULES[name])
+    except Exception as exc:  # ImportError, but also AttributeError etc. from a peer built for an older NumPy
+        reason = (
+            "not installed (make bench installs it)"
+            if version is None
+            else f"installed ({version}) but import failed: {type(exc).__name__}: {exc}"
+        )
+        return Peer(name, None, version, reason)
+    return Peer(name, module, version or getattr(module, "__version__", "?"), None)
+
+
+# ----------------------------------------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    import numpy
+
+    return (
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical cores visible), torch {torch.__version__} "
+        f"with torch.get_num_threads() = {torch.get_num_threads()}, numpy {numpy.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table, numbers right-aligned, columns padded for reading in a terminal."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def numeric(text: str) -> bool:
+        return bool(text) and (text[0].isdigit() or text[0] in "-+.×") and text != "-"
+
+    right = [all(numeric(r[i]) for r in cells[1:] if r[i] not in ("", "-", "n/a")) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
+    return "\n".join([fmt(cells[0]), sep, *(fmt(r) for r in cells[1:])])

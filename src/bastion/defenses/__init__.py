@@ -1,0 +1,1 @@
+"""Defences: training objectives and procedures that make models harder to fool."""

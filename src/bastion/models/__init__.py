@@ -1,0 +1,28 @@
+"""Models: the zoo of small architectures, the normalisation layer, safe loading and the model contract
+checks.
+
+A model is any ``torch.nn.Module`` mapping a batch of inputs in the input domain ``[0, 1]`` to logits ``(N,
+K)``; normalisation lives inside it (:class:`Normalize`).
+"""
+
+from __future__ import annotations
+
+from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
+from bastion.models.io import load_model, save_model
+from bastion.models.normalize import Normalize
+from bastion.models.zoo import ZOO, build_model, cnn, mlp, resnet
+
+__all__ = [
+    "ZOO",
+    "Normalize",
+    "build_model",
+    "check_logits",
+    "cnn",
+    "eval_mode",
+    "load_model",
+    "mlp",
+    "model_device",
+    "model_fingerprint",
+    "resnet",
+    "save_model",
+]

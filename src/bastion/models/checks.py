@@ -1,0 +1,144 @@
+"""Helpers shared by everything that runs a model: eval mode, device, output contract, fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from bastion.errors import BastionWarning, ModelError
+
+__all__ = ["check_logits", "eval_mode", "model_device", "model_fingerprint"]
+
+M = TypeVar("M", bound=nn.Module)
+
+_PROB_TOL = 1e-4
+
+
+@contextmanager
+def eval_mode(model: M) -> Iterator[M]:
+    """Put ``model`` in eval mode for the duration of a ``with`` block, then restore it exactly.
+
+    The ``training`` flag of every submodule is recorded first and written back afterwards (also when the
+    block raises), so a model whose submodules were in mixed modes, e.g. a frozen batch-norm inside a training
+    network, comes back as it was. ``model.train(flag)`` would not: it sets one flag on the whole tree.
+
+    Args:
+        model: the model.
+
+    Yields:
+        The same model, in eval mode.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+    except NotImplementedError:
+        # Modules returned by torch.export refuse train()/eval(); their graph is fixed anyway, so setting the
+        # flags directly is all that can be done and keeps code that reads ``training`` consistent.
+        for m, _ in flags:
+            m.training = False
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer.
+
+    Args:
+        model: the model.
+
+    Returns:
+        That device, or ``cpu`` for a model without parameters or buffers.
+    """
+    for t in chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def check_logits(logits: object, n: int, *, where: str = "model output") -> int:
+    """Check that a model output is a batch of logits, and warn when it looks like probabilities.
+
+    Args:
+        logits: what the model returned for a batch of ``n`` inputs.
+        n: the batch size.
+        where: how to name the checked value in messages.
+
+    Returns:
+        The number of classes ``K``.
+
+    Raises:
+        ModelError: the output is not a finite floating tensor of shape ``(n, K)`` with ``K >= 2``.
+    """
+    expected = f"a classifier returning (N, K) logits with K >= 2 (here N = {n})"
+    if not isinstance(logits, Tensor):
+        raise ModelError(f"{where}: got a {type(logits).__name__}, expected a tensor from {expected}")
+    shape = tuple(logits.shape)
+    if logits.dim() != 2 or shape[0] != n or shape[1] < 2:
+        hint = ""
+        if logits.dim() == 1 and shape[0] == n:
+            hint = (
+                "; a single score per input (binary classifier?) must be turned into two logits, e.g. [-s, s]"
+            )
+        elif logits.dim() > 2:
+            hint = "; flatten or squeeze the output to (N, K)"
+        raise ModelError(f"{where}: got shape {shape}, expected {expected}{hint}")
+    if not logits.dtype.is_floating_point:
+        raise ModelError(f"{where}: got dtype {logits.dtype}, expected floating-point logits from {expected}")
+    values = logits.detach()
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).any(dim=1).sum())
+        raise ModelError(
+            f"{where}: {bad} of {n} rows contain NaN or Inf; expected finite logits from {expected} "
+            "(check the model weights and that inputs are in the input domain)"
+        )
+    if n > 0 and bool((values >= 0).all()):
+        sums = values.to(torch.float64).sum(dim=1)
+        if bool(((sums - 1.0).abs() <= _PROB_TOL).all()):
+            warnings.warn(
+                f"{where}: every row is non-negative and sums to 1, so the model seems to return "
+                "probabilities (a final softmax). Gradient-based attacks are weakened by saturated softmax "
+                "outputs and can overestimate robustness; remove the final softmax so that the model returns "
+                "logits.",
+                BastionWarning,
+                stacklevel=2,
+            )
+    return int(shape[1])
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict, stable across processes and devices.
+
+    Every entry is hashed in sorted name order with its name, shape, dtype and raw bytes, so a change to any
+    weight or buffer (including batch-norm statistics) changes the fingerprint, while the architecture's
+    Python code does not enter it.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The hex digest (64 characters).
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        value = state[name]
+        digest.update(name.encode("utf-8") + b"\0")
+        if not isinstance(value, Tensor):
+            # Extra state set by a custom module: hash its repr rather than fail.
+            digest.update(b"extra\0" + repr(value).encode("utf-8") + b"\0")
+            continue
+        t = value.detach()
+        digest.update(f"{tuple(t.shape)}|{t.dtype}\0".encode())
+        raw = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(len(raw).to_bytes(8, "little"))
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()

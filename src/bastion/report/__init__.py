@@ -1,0 +1,7 @@
+"""Reports: figures (and later HTML reports) from evaluation results."""
+
+from __future__ import annotations
+
+from bastion.report.plots import plot_robust_accuracy
+
+__all__ = ["plot_robust_accuracy"]

@@ -1,0 +1,356 @@
+"""Threat models: the sets of inputs an adversary may choose around a clean input.
+
+Everything geometric lives here, once: projection onto the threat set intersected with the input domain, distance,
+membership, random starts and the normalised steepest-ascent step of each norm. Attacks never re-implement them.
+
+``LpBall(norm, eps, domain=(0, 1))`` is the set ``{x' : ||x' - x||_p <= eps, lo <= x' <= hi}`` for ``norm`` in
+``linf``, ``l2``, ``l1`` and ``l0`` (for ``l0``, ``eps`` is the number of input features that may change).
+
+Projections are exact Euclidean projections onto ball ∩ box (``x`` itself is in the box):
+
+* l∞: coordinate-wise clipping (the set is a box).
+* l2: the solution is ``x + clip(t·d, lo - x, hi - x)`` for ``d = x_adv - x`` and the largest ``t`` in [0, 1] whose
+  point is inside the ball (KKT conditions of the projection). The norm is piecewise of the form
+  ``sqrt(A + t² B)`` between the breakpoints where coordinates reach the box, so sorting the breakpoints gives ``t``
+  exactly, batched, in O(D log D).
+* l1: the solution is ``x + sign(d)·clip(|d| - λ, 0, c)`` with ``c`` the room to the box in the direction of ``d``
+  (soft-thresholding, as in the sorting-based simplex projection of Duchi, Shalev-Shwartz, Singer & Chandra,
+  "Efficient projections onto the l1-ball for learning in high dimensions", ICML 2008, extended to the box). The l1
+  norm is piecewise linear in ``λ`` with 2D breakpoints; sorting them gives ``λ`` exactly.
+* l0: keep the ``eps`` coordinates whose (box-clipped) change reduces the squared distance the most.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from bastion.errors import InputError
+
+Norm = Literal["linf", "l2", "l1", "l0"]
+NORMS: tuple[str, ...] = ("linf", "l2", "l1", "l0")
+_NORM_ALIASES = {
+    "inf": "linf", "linf": "linf", "l_inf": "linf", "li": "linf",
+    "2": "l2", "l2": "l2",
+    "1": "l1", "l1": "l1",
+    "0": "l0", "l0": "l0",
+}  # fmt: skip
+
+
+def canonical_norm(norm: str | float | int) -> str:
+    """The canonical name (``linf``, ``l2``, ``l1``, ``l0``) of a norm given as a name or a number."""
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        key = "inf" if math.isinf(norm) else str(int(norm)) if float(norm).is_integer() else str(norm)
+    else:
+        key = str(norm).strip().lower()
+    if key not in _NORM_ALIASES:
+        raise InputError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    return _NORM_ALIASES[key]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (N,) so that it broadcasts against ``like`` (N, ...)."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class ThreatModel(ABC):
+    """A set of allowed inputs around each clean input, intersected with the input domain ``[lo, hi]``.
+
+    Subclasses implement the geometry; attacks only call these methods.
+    """
+
+    domain: tuple[float, float]
+
+    @property
+    @abstractmethod
+    def key(self) -> str:
+        """A canonical string naming this threat set (used as a key in the result store)."""
+
+    @abstractmethod
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The point of the threat set around ``x`` nearest to ``x_adv`` (Euclidean projection)."""
+
+    @abstractmethod
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance (N,) between ``x_adv`` and ``x`` in this threat model's metric."""
+
+    @abstractmethod
+    def random_start(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """A random point of the threat set around each ``x``."""
+
+    @abstractmethod
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor | float) -> torch.Tensor:
+        """``x_adv`` moved by ``step_size`` along the normalised steepest-ascent direction of ``grad`` (unprojected)."""
+
+    @abstractmethod
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Per-sample boolean: ``x_adv`` is inside the threat set around ``x`` and inside the domain."""
+
+    def in_domain(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample boolean: every feature of ``x`` lies in the input domain."""
+        lo, hi = self.domain
+        flat = _rows(x)
+        return ((flat >= lo) & (flat <= hi)).all(dim=1)
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clipped to the input domain."""
+        lo, hi = self.domain
+        return x.clamp(lo, hi)
+
+
+@dataclass(frozen=True)
+class LpBall(ThreatModel):
+    """The l_p ball of radius ``eps`` around each input, intersected with the input domain box.
+
+    Args:
+        norm: ``"linf"``, ``"l2"``, ``"l1"`` or ``"l0"`` (also accepted: ``"inf"``, ``2``, ``1``, ``0``).
+        eps: radius; for ``l0`` the number of input features allowed to change (a non-negative integer).
+            ``math.inf`` is allowed (the whole domain), e.g. for gradient-masking checks.
+        domain: ``(lo, hi)`` bounds of every input feature; inputs outside it are rejected by the attacks.
+        l1_sparsity: fraction of coordinates moved by one l1 steepest-ascent step (see :meth:`step`).
+
+    Example:
+        >>> threat = LpBall("linf", 8 / 255)
+        >>> threat.key
+        'linf:0.03137254901960784'
+    """
+
+    norm: str
+    eps: float
+    domain: tuple[float, float] = (0.0, 1.0)
+    l1_sparsity: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", canonical_norm(self.norm))
+        try:
+            eps = float(self.eps)
+        except (TypeError, ValueError):
+            raise InputError(f"eps must be a number, got {self.eps!r}") from None
+        if math.isnan(eps) or eps < 0:
+            raise InputError(f"eps must be >= 0, got {self.eps!r}")
+        if self.norm == "l0" and math.isfinite(eps) and not eps.is_integer():
+            raise InputError(f"for the l0 threat model eps counts changed features and must be an integer, got {eps}")
+        object.__setattr__(self, "eps", eps)
+        try:
+            lo, hi = (float(v) for v in self.domain)
+        except (TypeError, ValueError):
+            raise InputError(f"domain must be a pair (lo, hi) of numbers, got {self.domain!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise InputError(f"domain must satisfy lo < hi with finite bounds, got {self.domain!r}")
+        object.__setattr__(self, "domain", (lo, hi))
+        if not 0.0 < self.l1_sparsity <= 1.0:
+            raise InputError(f"l1_sparsity must be in (0, 1], got {self.l1_sparsity!r}")
+
+    # ----------------------------------------------------------------------------------------------- naming
+    @property
+    def key(self) -> str:
+        base = f"{self.norm}:{self.eps!r}"
+        return base if self.domain == (0.0, 1.0) else f"{base}@[{self.domain[0]!r},{self.domain[1]!r}]"
+
+    def with_eps(self, eps: float) -> LpBall:
+        """The same ball with another radius."""
+        return LpBall(self.norm, eps, self.domain, self.l1_sparsity)
+
+    def _eps_rows(self, x: torch.Tensor, eps: torch.Tensor | float | None) -> torch.Tensor:
+        if eps is None:
+            eps = self.eps
+        return torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
+
+    # ----------------------------------------------------------------------------------------------- metric
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return lp_norm(_rows(x_adv - x), self.norm)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        e = self._eps_rows(x, eps)
+        # float rounding of x + delta can overshoot the radius by a few ulps; tolerate that, nothing more.
+        tol = 0.0 if self.norm == "l0" else 1e-6 + 1e-5 * torch.where(torch.isinf(e), 0.0, e)
+        return (self.distance(x_adv, x) <= e + tol) & self.in_domain(x_adv)
+
+    # ----------------------------------------------------------------------------------------------- projection
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        lo, hi = self.domain
+        if self.norm == "linf":
+            # the ball is a box too: clip to it, then to the domain (same cost as a hand-written PGD loop)
+            if eps is None or isinstance(eps, float):
+                r = self.eps if eps is None else eps
+                if math.isinf(r):
+                    return x_adv.clamp(lo, hi)
+                return torch.clamp(x_adv, min=x - r, max=x + r).clamp(lo, hi)
+            r_t = _per_sample(self._eps_rows(x, eps), x)
+            return torch.maximum(torch.minimum(x_adv, x + r_t), x - r_t).clamp(lo, hi)
+        e = self._eps_rows(x, eps)
+        d = _rows(x_adv - x)
+        lower, upper = _rows(lo - x), _rows(hi - x)  # room to the box: lower <= 0 <= upper since x is in the box
+        if self.norm == "l2":
+            delta = _project_l2_box(d, lower, upper, e)
+        elif self.norm == "l1":
+            delta = _project_l1_box(d, lower, upper, e)
+        else:
+            delta = _project_l0_box(d, lower, upper, e)
+        return (x + delta.reshape(x.shape)).clamp(lo, hi)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    def random_start(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """A point drawn uniformly from the ball around each input, then clipped to the domain.
+
+        Clipping to the box moves every coordinate towards ``x``, so the point stays inside the ball.
+        For l0 a uniformly random set of ``eps`` features is set to uniform values of the domain.
+        """
+        lo, hi = self.domain
+        e = self._eps_rows(x, eps)
+        if torch.isinf(e).any():
+            span = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return lo + (hi - lo) * span
+        n, dim = x.shape[0], x[0].numel()
+        if self.norm == "linf":
+            u = torch.rand((n, dim), generator=generator, device=x.device, dtype=x.dtype)
+            delta = (2 * u - 1) * e[:, None]
+        elif self.norm == "l2":
+            g = torch.randn((n, dim), generator=generator, device=x.device, dtype=x.dtype)
+            r = torch.rand((n, 1), generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / dim)
+            delta = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * r * e[:, None]
+        elif self.norm == "l1":
+            # Uniform in the l1 ball: exponential spacings normalised by one extra exponential variable give a
+            # uniform point of the simplex interior; random signs spread it over the orthants.
+            expo = -torch.rand((n, dim + 1), generator=generator, device=x.device, dtype=x.dtype).clamp_min(1e-12).log()
+            sign = torch.randint(0, 2, (n, dim), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+            delta = sign * expo[:, :dim] / expo.sum(dim=1, keepdim=True) * e[:, None]
+        else:
+            k = e.long().clamp(max=dim)
+            ranks = torch.rand((n, dim), generator=generator, device=x.device).argsort(dim=1).argsort(dim=1)
+            chosen = ranks < k[:, None]
+            values = lo + (hi - lo) * torch.rand((n, dim), generator=generator, device=x.device, dtype=x.dtype)
+            delta = torch.where(chosen, values - _rows(x), torch.zeros((), dtype=x.dtype, device=x.device))
+        return (x + delta.reshape(x.shape)).clamp(lo, hi)
+
+    # ----------------------------------------------------------------------------------------------- ascent step
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor | float) -> torch.Tensor:
+        """One normalised steepest-ascent step of length ``step_size`` (per sample or scalar), not projected.
+
+        * l∞: ``sign(g)`` (Goodfellow et al. 2015; Madry et al. 2018).
+        * l2 and l0: ``g / ||g||_2``.
+        * l1: the sparse direction of SLIDE (Tramèr & Boneh, NeurIPS 2019) with the box awareness of APGD-l1
+          (Croce & Hein, "Mind the box", NeurIPS 2021): only coordinates that can still move in the direction of
+          their gradient sign are eligible; among them the top ``l1_sparsity`` fraction by ``|g|`` move by
+          ``sign(g)``, and the direction is scaled to unit l1 norm.
+        """
+        g = _rows(grad)
+        if self.norm == "linf":
+            direction = g.sign()
+        elif self.norm in ("l2", "l0"):
+            direction = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            direction = self._l1_direction(_rows(x_adv), g)
+        size = step_size if isinstance(step_size, float) else _per_sample(torch.as_tensor(step_size), direction)
+        return x_adv + (size * direction).reshape(x_adv.shape)
+
+    def _l1_direction(self, x_flat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.domain
+        blocked = ((x_flat <= lo) & (g < 0)) | ((x_flat >= hi) & (g > 0)) | (g == 0)
+        score = g.abs().masked_fill(blocked, -1.0)
+        dim = g.shape[1]
+        k = max(1, math.ceil(self.l1_sparsity * dim))
+        thresh = score.topk(k, dim=1).values[:, -1:]
+        chosen = (score >= thresh) & ~blocked
+        direction = g.sign() * chosen
+        return direction / direction.abs().sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    def __repr__(self) -> str:
+        extra = "" if self.domain == (0.0, 1.0) else f", domain={self.domain!r}"
+        return f"LpBall({self.norm!r}, {self.eps!r}{extra})"
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def lp_norm(rows: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row norm of a (N, D) tensor for a canonical norm name."""
+    if norm == "linf":
+        return rows.abs().amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
+    if norm == "l2":
+        return rows.norm(dim=1)
+    if norm == "l1":
+        return rows.abs().sum(dim=1)
+    if norm == "l0":
+        return (rows != 0).sum(dim=1).to(rows.dtype)
+    raise InputError(f"unknown norm {norm!r}")
+
+
+def _project_l2_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Exact projection of ``d`` onto ``{||δ||_2 <= eps} ∩ [lower, upper]`` (rows; ``lower <= 0 <= upper``)."""
+    boxed = torch.minimum(torch.maximum(d, lower), upper)
+    eps2 = eps * eps
+    inside = (boxed * boxed).sum(dim=1) <= eps2
+    if bool(inside.all()):
+        return boxed
+    ad = d.abs()
+    room = torch.where(d > 0, upper, -lower)  # how far coordinate i can go in the direction of d_i
+    # t_i: the scale at which coordinate i reaches the box; coordinates that do not move never do.
+    t = torch.where(ad > 0, room / ad.clamp_min(1e-30), torch.full_like(ad, math.inf))
+    t_sorted, order = t.sort(dim=1)
+    room2 = (room * room).gather(1, order)
+    d2 = (ad * ad).gather(1, order)
+    clipped_before = room2.cumsum(dim=1) - room2  # sum of room² over coordinates already at the box
+    free_from = d2.flip(1).cumsum(dim=1).flip(1)  # sum of d² over coordinates still free
+    norm2_at_break = torch.where(
+        torch.isinf(t_sorted), torch.full_like(t_sorted, math.inf), clipped_before + t_sorted**2 * free_from
+    )
+    k = (norm2_at_break < eps2[:, None]).sum(dim=1, keepdim=True).clamp(max=d.shape[1] - 1)
+    a = clipped_before.gather(1, k).squeeze(1)
+    b = free_from.gather(1, k).squeeze(1)
+    t_star = ((eps2 - a).clamp_min(0) / b.clamp_min(1e-30)).sqrt().clamp(max=1.0)
+    scaled = torch.minimum(torch.maximum(t_star[:, None] * d, lower), upper)
+    scaled = _shrink_to(scaled, eps, "l2")
+    return torch.where(inside[:, None], boxed, scaled)
+
+
+def _project_l1_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Exact projection of ``d`` onto ``{||δ||_1 <= eps} ∩ [lower, upper]`` (rows; ``lower <= 0 <= upper``)."""
+    boxed = torch.minimum(torch.maximum(d, lower), upper)
+    inside = boxed.abs().sum(dim=1) <= eps
+    if bool(inside.all()):
+        return boxed
+    ad = d.abs()
+    room = torch.where(d > 0, upper, -lower)
+    # h(λ) = Σ clip(|d_i| - λ, 0, room_i) is piecewise linear and non-increasing: coordinate i contributes with
+    # slope -1 between |d_i| - room_i and |d_i|, and is constant elsewhere.
+    points = torch.cat([ad - room, ad], dim=1)
+    slopes = torch.cat([-torch.ones_like(ad), torch.ones_like(ad)], dim=1)
+    points, order = points.sort(dim=1)
+    slope_after = slopes.gather(1, order).cumsum(dim=1)  # slope of h on [points_j, points_{j+1}]
+    h_start = room.sum(dim=1, keepdim=True)  # value of h left of every breakpoint
+    h = torch.cat([h_start, h_start + (slope_after[:, :-1] * points.diff(dim=1)).cumsum(dim=1)], dim=1)
+    j = ((h > eps[:, None]).sum(dim=1, keepdim=True) - 1).clamp(min=0, max=points.shape[1] - 1)
+    h_j, p_j, s_j = h.gather(1, j), points.gather(1, j), slope_after.gather(1, j)
+    lam = (p_j + (h_j - eps[:, None]) / (-s_j).clamp_min(1.0)).clamp_min(0.0)
+    shrunk = d.sign() * torch.minimum((ad - lam).clamp_min(0.0), room)
+    shrunk = _shrink_to(shrunk, eps, "l1")
+    return torch.where(inside[:, None], boxed, shrunk)
+
+
+def _project_l0_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Exact projection onto ``{||δ||_0 <= eps} ∩ [lower, upper]``: keep the coordinates that gain most."""
+    boxed = torch.minimum(torch.maximum(d, lower), upper)
+    dim = d.shape[1]
+    k = torch.where(torch.isinf(eps), torch.full_like(eps, dim), eps).long().clamp(max=dim)
+    # squared distance saved by moving coordinate i to its boxed value instead of leaving it at 0
+    gain = d * d - (d - boxed) ** 2
+    ranks = gain.argsort(dim=1, descending=True).argsort(dim=1)
+    return torch.where(ranks < k[:, None], boxed, torch.zeros_like(boxed))
+
+
+def _shrink_to(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+    """Scale rows whose norm exceeds ``eps`` by float rounding back onto the sphere (towards 0, so inside the box)."""
+    n = lp_norm(delta, norm)
+    factor = torch.where(n > eps, eps / n.clamp_min(1e-30), torch.ones_like(n))
+    return delta * factor[:, None]

@@ -1,0 +1,42 @@
+"""End-to-end check that the zoo cnn learns the bundled 8x8 digits quickly."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from bastion.models import cnn, eval_mode
+
+
+def test_cnn_learns_digits() -> None:
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+
+    torch.manual_seed(0)
+    model = cnn((1, 8, 8), 10)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(12):
+        model.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(64):
+            opt.zero_grad()
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    seconds = time.perf_counter() - start
+    with eval_mode(model), torch.no_grad():
+        pred = model(torch.from_numpy(x_te)).argmax(dim=1).numpy()
+    accuracy = float((pred == y_te).mean())
+    print(f"cnn on digits: test accuracy {accuracy:.4f} after {seconds:.2f} s of training")
+    assert len(x_tr) == 1437
+    assert accuracy >= 0.95
+    assert seconds < 30

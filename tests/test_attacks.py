@@ -137,7 +137,10 @@ def test_fgsm_is_exact_on_a_linear_binary_classifier(norm: str, dual: float) -> 
 
 
 def test_bim_uses_the_paper_schedule() -> None:
-    assert BIM().iterations(LpBall("linf", 0.3)) == (81, pytest.approx(1 / 255))  # min(0.3·255 + 4, 1.25·0.3·255)
+    assert BIM().iterations(LpBall("linf", 0.3)) == (
+        81,
+        pytest.approx(1 / 255),
+    )  # min(0.3·255 + 4, 1.25·0.3·255)
     assert BIM().iterations(LpBall("linf", 4 / 255)) == (5, pytest.approx(1 / 255))  # 1.25·4 = 5 < 8
     assert BIM(steps=7).iterations(LpBall("l2", 1.0)) == (7, pytest.approx(1.25 / 7))
 
@@ -183,7 +186,12 @@ def test_inputs_outside_domain_are_rejected(tiny) -> None:
     with pytest.raises(InputError, match=r"outside|domain"):
         PGD()(model, x * 255, y, threat=LpBall("linf", 0.1))
     with pytest.raises(InputError, match=r"NaN|finite"):
-        PGD()(model, x.masked_fill(torch.eye(5, 4, dtype=torch.bool), float("nan")), y, threat=LpBall("linf", 0.1))
+        PGD()(
+            model,
+            x.masked_fill(torch.eye(5, 4, dtype=torch.bool), float("nan")),
+            y,
+            threat=LpBall("linf", 0.1),
+        )
 
 
 def test_bad_labels_targets_and_threats_are_named(tiny) -> None:

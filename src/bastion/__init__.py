@@ -11,12 +11,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from bastion.data import Dataset, load_data  # noqa: E402
-from bastion.errors import BastionError, BastionWarning, InputError  # noqa: E402
-from bastion.evaluate import EvaluationResult, evaluate  # noqa: E402
-from bastion.results import AttackResult, Criterion, SampleRecord  # noqa: E402
-from bastion.store import Store  # noqa: E402
-from bastion.threat import LpBall, ThreatModel  # noqa: E402
+from bastion.data import Dataset, load_data
+from bastion.errors import BastionError, BastionWarning, InputError
+from bastion.evaluate import EvaluationResult, evaluate
+from bastion.results import AttackResult, Criterion, SampleRecord
+from bastion.store import Store
+from bastion.threat import LpBall, ThreatModel
 
 __all__ = [
     "AttackResult",

@@ -96,9 +96,7 @@ def _build_attacks(names: str, opts: Sequence[tuple[str | None, str, Any]]) -> l
                 raise BastionError(f"--attack-opt {target}.{key}: {target!r} is not among the attacks {attack_names}")
             per_attack[target][key] = value
             continue
-        takers = [
-            n for n in attack_names if n in ATTACKS and key in inspect.signature(ATTACKS[n].__init__).parameters
-        ]
+        takers = [n for n in attack_names if n in ATTACKS and key in inspect.signature(ATTACKS[n].__init__).parameters]
         if not takers:
             raise BastionError(f"--attack-opt {key}: none of the attacks {attack_names} accepts option {key!r}")
         for n in takers:
@@ -242,7 +240,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     from bastion.attacks import ATTACKS
 
     rows = [
-        {"name": name, "class": cls.__name__, "norms": list(cls.norms), "access": cls.access,
+        {"name": name, "class": cls.__name__, "norms": "/".join(cls.norms), "access": cls.access,
          "minimal": cls.minimal, "paper": cls.paper}
         for name, cls in sorted(ATTACKS.items())
     ]  # fmt: skip
@@ -251,7 +249,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         kind = "minimal-distortion" if r["minimal"] else "fixed-eps"
-        print(f"{r['name']:<8} {'/'.join(r['norms']):<16} {r['access']:<10} {kind:<18} {r['paper']}")
+        print(f"{r['name']:<8} {r['norms']:<16} {r['access']:<10} {kind:<18} {r['paper']}")
     return 0
 
 
@@ -271,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the zoo CNN on digits and evaluate FGSM and PGD", epilog=EPILOG_DEMO,
                        formatter_class=fmt)  # fmt: skip
-    p.add_argument("--out", default="bastion-demo", help="output folder for runs.db and the plot (default: %(default)s)")
+    p.add_argument(
+        "--out", default="bastion-demo", help="output folder for runs.db and the plot (default: %(default)s)"
+    )
     p.add_argument("--eps", type=_parse_eps, default=[0.05, 0.1, 0.2, 0.3], help="l-inf radii, comma-separated")
     p.add_argument("--retrain", action="store_true", help="train again instead of using the cached model")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_parse_eps, required=True, help="radii, comma-separated, e.g. 0.1,0.2 or 8/255")
     p.add_argument("--attack", default="pgd", help="attack or cascade, comma-separated (see `bastion attacks`)")
     p.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="attack hyperparameter, repeatable; ATTACK.KEY=VALUE for one attack of the cascade")  # fmt: skip
+                   help="attack hyperparameter, repeatable; ATTACK.KEY=VALUE for one attack only")  # fmt: skip
     p.add_argument("--store", default=None, help="SQLite store: results are written per batch and the run resumes")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
@@ -317,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bastion {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"bastion {args.command}: interrupted; re-run the same command to resume (with --store)", file=sys.stderr)
+        print(
+            f"bastion {args.command}: interrupted; re-run the same command to resume (with --store)",
+            file=sys.stderr,
+        )
         return 130
 
 

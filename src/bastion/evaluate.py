@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bastion import __version__
 from bastion.attacks.base import Attack
 from bastion.data import Dataset
 from bastion.errors import InputError
@@ -99,7 +98,9 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
 
-def summarize(records: Sequence[SampleRecord], threats: Sequence[str], attacks: Sequence[str], n: int) -> EvaluationResult:
+def summarize(
+    records: Sequence[SampleRecord], threats: Sequence[str], attacks: Sequence[str], n: int
+) -> EvaluationResult:
     """Robust accuracies computed from per-sample records (the only place they are computed)."""
     order = {name: i for i, name in enumerate(attacks)}
     by_threat: dict[str, list[SampleRecord]] = {t: [] for t in threats}
@@ -208,16 +209,17 @@ def evaluate(
     names = attack_names(attack_list)
     n = len(data)
 
-    owned = store is not None and not isinstance(store, Store)
-    db = Store(store) if owned else store
+    db = store if store is None or isinstance(store, Store) else Store(store)
+    owned = db is not None and db is not store
     run_id: int | None = None
     done: set[int] = set()
     try:
-        if isinstance(db, Store):
+        if db is not None:
+            model_fp, data_fp = model_fingerprint(model), data.fingerprint()
             payload = {
                 "kind": "evaluate",
-                "model": model_fingerprint(model),
-                "data": data.fingerprint(),
+                "model": model_fp,
+                "data": data_fp,
                 "threats": keys,
                 "attacks": [repr(a) for a in attack_list],
                 "seed": seed,
@@ -225,7 +227,7 @@ def evaluate(
             run_cfg = {**payload, "attack_names": names, "batch_size": batch_size, **(config or {})}
             run, _ = db.open_run(
                 kind="evaluate", key=run_key(payload), config=_jsonable(run_cfg),
-                model_fp=payload["model"], data_fp=payload["data"], n_samples=n,
+                model_fp=model_fp, data_fp=data_fp, n_samples=n,
             )  # fmt: skip
             run_id = run.id
             done = db.done_indices(run.id, keys)
@@ -240,22 +242,22 @@ def evaluate(
                     model, xb.to(device), yb.to(device), idx, threat_list, attack_list, names,
                     seed=seed * 1_000_003 + int(idx[0]),
                 )  # fmt: skip
-                if isinstance(db, Store) and run_id is not None:
+                if db is not None and run_id is not None:
                     db.write_records(run_id, batch_records, seconds=time.perf_counter() - t0)
                 else:
                     records.extend(batch_records)
                 bar.update(len(idx))
         bar.close()
-        if isinstance(db, Store) and run_id is not None:
+        if db is not None and run_id is not None:
             records = db.records(run_id)
         result = summarize(records, keys, names, n)
         result.run_id = run_id
         result.seconds = time.perf_counter() - t_start
-        if isinstance(db, Store) and run_id is not None:
+        if db is not None and run_id is not None:
             db.finish_run(run_id, result.to_dict())
         return result
     finally:
-        if owned and isinstance(db, Store):
+        if owned and db is not None:
             db.close()
 
 

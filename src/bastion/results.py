@@ -1,12 +1,13 @@
 """Per-sample results, attack results, success criteria and the attack losses.
 
-The per-sample :class:`SampleRecord` is the spine of bastion: an attack fills the *upper* bound on the minimal adversarial
-distance (``adv_distance``, the best adversarial example found), a verifier fills the *lower* bound (``certified``, the
-certified radius). Status is ``falsified`` when an adversarial example (or a clean misclassification) is known,
-``robust`` when robustness is proved, and ``unknown`` otherwise (a sample that survived every attack is ``unknown``: no
-attack can prove robustness).
+The per-sample :class:`SampleRecord` is the spine of bastion: an attack fills the *upper* bound on the minimal
+adversarial distance (``adv_distance``, the best adversarial example found), a verifier fills the *lower* bound
+(``certified``, the certified radius). Status is ``falsified`` when an adversarial example (or a clean
+misclassification) is known, ``robust`` when robustness is proved, and ``unknown`` otherwise (a sample that survived
+every attack is ``unknown``: no attack can prove robustness).
 
-The losses that attacks maximise (cross-entropy, DLR, C&W margin) and the targeted/untargeted sign are written here once.
+The losses that attacks maximise (cross-entropy, DLR, C&W margin) and the targeted/untargeted sign are written here
+once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from bastion.errors import InputError
 
 if TYPE_CHECKING:
-    from bastion.threat import ThreatModel
+    pass
 
 Status = Literal["robust", "falsified", "unknown"]
 STATUSES: tuple[str, ...] = ("robust", "falsified", "unknown")
@@ -161,7 +162,9 @@ class Criterion:
         self.labels = labels
         self.targets = targets
         if targets is not None and targets.shape != labels.shape:
-            raise InputError(f"targets must have the shape of the labels {tuple(labels.shape)}, got {tuple(targets.shape)}")
+            raise InputError(
+                f"targets must have the shape of the labels {tuple(labels.shape)}, got {tuple(targets.shape)}"
+            )
 
     @property
     def targeted(self) -> bool:

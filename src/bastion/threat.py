@@ -84,7 +84,10 @@ class ThreatModel(ABC):
 
     @abstractmethod
     def random_start(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | float | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """A random point of the threat set around each ``x``."""
 
@@ -190,7 +193,10 @@ class LpBall(ThreatModel):
             return torch.maximum(torch.minimum(x_adv, x + r_t), x - r_t).clamp(lo, hi)
         e = self._eps_rows(x, eps)
         d = _rows(x_adv - x)
-        lower, upper = _rows(lo - x), _rows(hi - x)  # room to the box: lower <= 0 <= upper since x is in the box
+        lower, upper = (
+            _rows(lo - x),
+            _rows(hi - x),
+        )  # room to the box: lower <= 0 <= upper since x is in the box
         if self.norm == "l2":
             delta = _project_l2_box(d, lower, upper, e)
         elif self.norm == "l1":
@@ -201,7 +207,10 @@ class LpBall(ThreatModel):
 
     # ----------------------------------------------------------------------------------------------- sampling
     def random_start(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | float | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """A point drawn uniformly from the ball around each input, then clipped to the domain.
 

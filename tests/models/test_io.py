@@ -62,7 +62,12 @@ def test_save_refuses_a_config_that_does_not_rebuild_the_model(tmp_path: Path) -
     with pytest.raises(ModelError, match="do not fit"):
         save_model(model, tmp_path / "m.pt", arch="cnn", config={"input_shape": [1, 8, 8], "num_classes": 3})
     with pytest.raises(ModelError, match="JSON"):
-        save_model(model, tmp_path / "m.pt", arch="cnn", config={"input_shape": [1, 8, 8], "num_classes": 10, "x": {1}})
+        save_model(
+            model,
+            tmp_path / "m.pt",
+            arch="cnn",
+            config={"input_shape": [1, 8, 8], "num_classes": 10, "x": {1}},
+        )
     with pytest.raises(ModelError, match="arch="):
         save_model(nn.Linear(3, 2), tmp_path / "m.pt")
     with pytest.raises(ModelError, match=".pt2"):

@@ -43,7 +43,15 @@ def test_gradient_flows_and_is_one_over_std() -> None:
 
 @pytest.mark.parametrize(
     ("mean", "std"),
-    [(0.0, 0.0), (0.0, -1.0), (0.0, [1.0, 0.0]), (float("nan"), 1.0), ([], 1.0), ("a", 1.0), ([0, 0], [1, 1, 1])],
+    [
+        (0.0, 0.0),
+        (0.0, -1.0),
+        (0.0, [1.0, 0.0]),
+        (float("nan"), 1.0),
+        ([], 1.0),
+        ("a", 1.0),
+        ([0, 0], [1, 1, 1]),
+    ],
 )
 def test_invalid_parameters(mean: object, std: object) -> None:
     with pytest.raises(ModelError):

@@ -56,7 +56,10 @@ def test_per_channel_normalisation_is_the_first_layer() -> None:
 def test_cnn_architecture_and_options() -> None:
     model = cnn((1, 8, 8), 10)
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 32, (3, 3)), (32, 64, (3, 3))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 32, (3, 3)),
+        (32, 64, (3, 3)),
+    ]
     assert model[8].in_features == 64 * 2 * 2  # type: ignore[union-attr]
     wide = cnn((1, 28, 28), 10, channels=(8, 16), hidden=32, kernel_size=5)
     assert wide(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -139,7 +139,9 @@ class Attack(ABC):
             x_adv = threat.clip(x_adv) if self.minimal else threat.project(x_adv, x_t)
             adv_logits = counted(x_adv)
         success = criterion.is_adversarial(adv_logits)
-        distance = torch.where(success, threat.distance(x_adv, x_t), torch.full_like(success, float("inf"), dtype=x_t.dtype))
+        distance = torch.where(
+            success, threat.distance(x_adv, x_t), torch.full_like(success, float("inf"), dtype=x_t.dtype)
+        )
         return AttackResult(
             x_adv=x_adv,
             success=success,
@@ -172,15 +174,15 @@ class Attack(ABC):
         if not isinstance(threat, ThreatModel):
             raise InputError(f"threat must be a ThreatModel such as LpBall('linf', 0.3), got {threat!r}")
         if isinstance(threat, LpBall) and threat.norm not in self.norms:
-            raise InputError(
-                f"{type(self).__name__} supports the norms {', '.join(self.norms)}; got threat {threat!r}"
-            )
+            raise InputError(f"{type(self).__name__} supports the norms {', '.join(self.norms)}; got threat {threat!r}")
 
     @staticmethod
     def _check_targets(targets: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(targets)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.shape != y.shape:
-            raise InputError(f"targets must be integer class indices of shape {tuple(y.shape)}, got {t.dtype} {tuple(t.shape)}")
+            raise InputError(
+                f"targets must be integer class indices of shape {tuple(y.shape)}, got {t.dtype} {tuple(t.shape)}"
+            )
         if int(t.min()) < 0:
             raise InputError(f"targets must be >= 0, got {int(t.min())}")
         return t.to(device=y.device, dtype=torch.long)

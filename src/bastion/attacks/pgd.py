@@ -92,7 +92,10 @@ class PGD(Attack):
         """Number of iterations and base step length for this threat model."""
         if math.isinf(threat.eps) and self.abs_stepsize is None:
             raise InputError(f"eps is infinite: give {type(self).__name__} an abs_stepsize")
-        return self.steps, self.abs_stepsize if self.abs_stepsize is not None else self.rel_stepsize * threat.eps
+        return (
+            self.steps,
+            self.abs_stepsize if self.abs_stepsize is not None else self.rel_stepsize * threat.eps,
+        )
 
     def run(
         self,
@@ -216,4 +219,9 @@ class BIM(PGD):
         return steps, self.abs_given or 1.25 * threat.eps / steps
 
     def options(self) -> dict[str, object]:
-        return {"steps": self.steps_given, "abs_stepsize": self.abs_given, "loss": self.loss, "early_stop": self.early_stop}
+        return {
+            "steps": self.steps_given,
+            "abs_stepsize": self.abs_given,
+            "loss": self.loss,
+            "early_stop": self.early_stop,
+        }

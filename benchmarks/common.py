@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bastion.data import load_mnist
+from bastion.data import Dataset, load_mnist
+from bastion.defenses.training import train
 from bastion.models import build_model, load_model, save_model
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -36,7 +36,7 @@ NUM_CLASSES = 10
 TRAIN_CONFIG: dict[str, Any] = {
     "arch": "cnn",
     "seed": 0,
-    "epochs": 6,
+    "epochs": 5,
     "batch_size": 64,
     "lr": 1e-3,
     "n_train": N_TRAIN,
@@ -51,7 +51,7 @@ _PEER_DISTRIBUTIONS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------------- data
 def mnist_dir() -> Path:
     """Where the MNIST IDX files are: ``$BASTION_MNIST_DIR``, else ``shared/data/mnist`` beside the repository."""
     env = os.environ.get("BASTION_MNIST_DIR")
@@ -60,16 +60,22 @@ def mnist_dir() -> Path:
 
 @dataclass
 class Split:
-    """The training and evaluation halves of the MNIST test set (images in [0, 1], float32, (N, 1, 28, 28))."""
+    """The training and evaluation parts of the MNIST test set (x float32 (N, 1, 28, 28) in [0, 1], y int64)."""
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_eval: torch.Tensor
-    y_eval: torch.Tensor
+    train: Dataset
+    eval: Dataset
+
+    @property
+    def x_eval(self) -> torch.Tensor:
+        return self.eval.x
+
+    @property
+    def y_eval(self) -> torch.Tensor:
+        return self.eval.y
 
 
 def load_split(directory: Path | None = None) -> Split:
-    """First 8,000 test images for training, last 2,000 for evaluation."""
+    """First 8,000 MNIST test images for training, last 2,000 for evaluation."""
     directory = directory or mnist_dir()
     if not directory.is_dir():
         raise SystemExit(
@@ -77,43 +83,33 @@ def load_split(directory: Path | None = None) -> Split:
             "or set BASTION_MNIST_DIR"
         )
     data = load_mnist(directory, split="test")
-    x, y = data.x, data.y
-    if x.shape[0] != N_TRAIN + N_EVAL:
-        raise SystemExit(f"expected the 10,000-image MNIST test set in {directory}, found {x.shape[0]} images")
-    return Split(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:])
+    if len(data) != N_TRAIN + N_EVAL:
+        raise SystemExit(f"expected the 10,000-image MNIST test set in {directory}, found {len(data)} images")
+    train, evaluation = data.split(N_TRAIN)
+    return Split(train, evaluation)
 
 
-# ----------------------------------------------------------------------------------------------------------- model
+# ---------------------------------------------------------------------------------------------------- model
 def _cache_path() -> Path:
     digest = hashlib.sha256(json.dumps(TRAIN_CONFIG, sort_keys=True).encode()).hexdigest()[:10]
     return CACHE_DIR / f"mnist_{TRAIN_CONFIG['arch']}_{digest}.pt"
 
 
 def train_model(split: Split, *, log: Callable[[str], None] = print) -> nn.Module:
-    """Train the zoo ``cnn`` on the 8,000 training images with Adam; seeded, so a rerun gives the same weights."""
+    """Train the zoo ``cnn`` on the 8,000 training images with bastion's trainer (Adam, seeded)."""
     cfg = TRAIN_CONFIG
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])  # the initial weights; the trainer seeds the shuffling itself
     model = build_model(cfg["arch"], INPUT_SHAPE, NUM_CLASSES)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    n = split.x_train.shape[0]
-    for epoch in range(cfg["epochs"]):
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        t0 = time.perf_counter()
-        for start in range(0, n, cfg["batch_size"]):
-            idx = order[start : start + cfg["batch_size"]]
-            loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss) * idx.numel()
-        acc = accuracy(model, split.x_eval, split.y_eval)
-        log(
-            f"  epoch {epoch + 1}/{cfg['epochs']}: train loss {total / n:.4f}, "
-            f"eval accuracy {acc:.4f} ({time.perf_counter() - t0:.1f} s)"
-        )
+    history = train(
+        model,
+        split.train,
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        seed=cfg["seed"],
+        progress=False,
+    )
+    log("  training loss per epoch: " + ", ".join(f"{v:.4f}" for v in history))
     return model.eval()
 
 
@@ -130,7 +126,10 @@ def get_model(split: Split, *, retrain: bool = False, log: Callable[[str], None]
     log(f"model: training the zoo {TRAIN_CONFIG['arch']!r} on {N_TRAIN} MNIST images ({json.dumps(TRAIN_CONFIG)})")
     t0 = time.perf_counter()
     model = train_model(split, log=log)
-    log(f"model: trained in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"model: trained in {time.perf_counter() - t0:.1f} s; clean accuracy on the {N_EVAL} evaluation images "
+        f"{accuracy(model, split.x_eval, split.y_eval):.4f}"
+    )
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     save_model(model, path)
     log(f"model: cached at {path.relative_to(BENCH_DIR.parent)}")
@@ -151,7 +150,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
-# ----------------------------------------------------------------------------------------------------------- timing
+# ---------------------------------------------------------------------------------------------------- timing
 @dataclass
 class Timing:
     """Wall-clock seconds of one competitor over the measured (post-warm-up) runs."""
@@ -176,22 +175,26 @@ def time_alternating(
     *,
     repeats: int,
     warmup: int = 1,
+    warmup_with: dict[str, Callable[[], Any]] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Timing]:
     """Time each callable with ``time.perf_counter``, interleaving them run by run (A B C, A B C, ...).
 
     Interleaving spreads slow drifts of the machine (frequency scaling, a noisy neighbour) over every competitor
-    instead of charging them to whoever ran last. The first ``warmup`` rounds are run but not recorded. A
-    competitor that raises is reported with its error and dropped from later rounds; the others go on. The output
-    of the last run of each is kept in ``Timing.output``.
+    instead of charging them to whoever ran last. The first ``warmup`` rounds are run but not recorded; they call
+    ``warmup_with[name]`` when given (a cheaper call of the same code, e.g. a small batch and two steps: enough to
+    load lazy modules and warm the allocator and thread pool), else the competitor itself. A competitor that
+    raises is reported with its error and dropped from later rounds; the others go on. The output of the last
+    measured run of each is kept in ``Timing.output``.
     """
     timings = {name: Timing(name) for name in competitors}
     for rnd in range(warmup + repeats):
         measured = rnd >= warmup
-        for name, fn in competitors.items():
+        for name, timed_fn in competitors.items():
             t = timings[name]
             if t.error is not None:
                 continue
+            fn = timed_fn if measured or not warmup_with else warmup_with.get(name, timed_fn)
             start = time.perf_counter()
             try:
                 out = fn()
@@ -201,16 +204,16 @@ def time_alternating(
                     log(f"  {name}: failed ({t.error})")
                 continue
             elapsed = time.perf_counter() - start
-            t.output = out
             if measured:
                 t.seconds.append(elapsed)
+                t.output = out
             if log:
                 tag = f"run {rnd - warmup + 1}/{repeats}" if measured else "warm-up"
                 log(f"  {tag:>9}  {name:<28} {elapsed:8.3f} s")
     return timings
 
 
-# ----------------------------------------------------------------------------------------------------------- peers
+# ---------------------------------------------------------------------------------------------------- peers
 @dataclass
 class Peer:
     """A peer library as found in this environment."""
@@ -245,7 +248,7 @@ def load_peer(name: str) -> Peer:
     return Peer(name, module, version or getattr(module, "__version__", "?"), None)
 
 
-# ----------------------------------------------------------------------------------------------------------- machine
+# ---------------------------------------------------------------------------------------------------- machine
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -264,6 +267,14 @@ def machine_summary() -> str:
         f"with torch.get_num_threads() = {torch.get_num_threads()}, numpy {numpy.__version__}, "
         f"Python {platform.python_version()}"
     )
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: other processes on the machine slow every competitor down."""
+    try:
+        return "load average {:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

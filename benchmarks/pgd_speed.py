@@ -8,7 +8,7 @@ interleaved run by run after a warm-up round.
 
 Run from the repository root::
 
-    python benchmarks/pgd_speed.py                 # defaults: --n 500 --repeats 3, l∞ and l2
+    python benchmarks/pgd_speed.py                 # defaults: --n 200 --repeats 3, l∞ and l2
     python benchmarks/pgd_speed.py --repeats 5 --n 500 --norms linf
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,10 +26,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-
-from bastion.attacks import PGD  # noqa: E402
-from bastion.threat import LpBall  # noqa: E402
+import common
+from bastion.attacks import PGD
+from bastion.threat import LpBall
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ SETTINGS = {
 Attack = Callable[[], torch.Tensor]
 
 
-# ----------------------------------------------------------------------------------------------------------- reference
+# ---------------------------------------------------------------------------------------------------- reference
 def bare_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting) -> torch.Tensor:
     """The reference: PGD written directly in PyTorch, nothing else."""
     x_adv = x.clone()
@@ -75,10 +74,10 @@ def bare_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting) -> 
     return x_adv.detach()
 
 
-# ----------------------------------------------------------------------------------------------------------- competitors
+# ---------------------------------------------------------------------------------------------------- competitors
 def bastion_competitors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting) -> dict[str, Attack]:
     threat = LpBall(s.norm, s.eps)
-    common_kw = {"steps": s.steps, "rel_stepsize": s.step / s.eps, "random_start": False, "restarts": 1}
+    common_kw = {"steps": s.steps, "abs_stepsize": s.step, "random_start": False, "restarts": 1}
     full = PGD(early_stop=False, **common_kw)
     early = PGD(early_stop=True, **common_kw)
     return {
@@ -174,7 +173,7 @@ def build_competitors(
     return comps, skipped
 
 
-# ----------------------------------------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------------------------------- checks
 @dataclass
 class Check:
     robust_acc: float
@@ -184,7 +183,9 @@ class Check:
     same_as_bare: float  # fraction of samples whose x_adv matches the bare loop's within 1e-5
 
 
-def check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, ref: torch.Tensor, s: Setting) -> Check:
+def check(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, ref: torch.Tensor, s: Setting
+) -> Check:
     """Everyone's output judged by the same code: accuracy on x_adv, inside the ε-ball and [0, 1], agreement."""
     x_adv = x_adv.detach().to(x.dtype).reshape(x.shape)
     delta = (x_adv - x).flatten(1)
@@ -200,13 +201,15 @@ def check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tenso
     )
 
 
-# ----------------------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------------- main
 def run_setting(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setting, peers: list[common.Peer], args: argparse.Namespace
 ) -> str:
-    print(f"\n## PGD {s.label}; batch of {x.shape[0]} images\n")
+    print(f"\n## PGD {s.label}; batch of {x.shape[0]} images ({common.load_average()})\n")
     comps, skipped = build_competitors(model, x, y, s, peers)
-    timings = common.time_alternating(comps, repeats=args.repeats, warmup=args.warmup)
+    # warm-up: every competitor once on a small batch with two steps (same code paths, a fraction of the time)
+    warm, _ = build_competitors(model, x[:32], y[:32], replace(s, steps=2), peers)
+    timings = common.time_alternating(comps, repeats=args.repeats, warmup=args.warmup, warmup_with=warm)
     for name, t in timings.items():
         if t.error:
             skipped[name] = t.error
@@ -245,7 +248,13 @@ def run_setting(
         "same x_adv as bare",
     ]
     table = common.markdown_table(header, rows)
-    lines = [f"### PGD {s.label}, batch {x.shape[0]}, median of {args.repeats} runs", "", table, ""]
+    lines = [
+        f"### PGD {s.label}, batch {x.shape[0]}, median of {args.repeats} runs",
+        "",
+        table,
+        "",
+        f"- {torch.get_num_threads()} torch threads; {common.load_average()} at the end",
+    ]
     peer_times = {
         n: t.median
         for n, t in timings.items()
@@ -269,9 +278,9 @@ def run_setting(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=500, help="images in the batch (from the evaluation split)")
+    ap.add_argument("--n", type=int, default=200, help="images in the batch (from the evaluation split)")
     ap.add_argument("--repeats", type=int, default=3, help="measured runs per competitor (median reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up rounds (32 images, 2 steps)")
     ap.add_argument("--steps", type=int, default=40, help="PGD steps")
     ap.add_argument("--norms", nargs="+", choices=sorted(SETTINGS), default=["linf", "l2"])
     ap.add_argument("--peers", nargs="*", choices=common.PEERS, default=list(common.PEERS))

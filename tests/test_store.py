@@ -23,9 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _rec(index: int, threat: str = "linf:0.1", status: str = "unknown", **kw: object) -> SampleRecord:
-    return SampleRecord(
-        index=index, threat=threat, label=index % 10, clean_pred=index % 10, status=status, **kw
-    )  # type: ignore[arg-type]
+    return SampleRecord(index=index, threat=threat, label=index % 10, clean_pred=index % 10, status=status, **kw)  # type: ignore[arg-type]
 
 
 def _open(store: Store, key: str = "k1", n: int = 20, **kw: object) -> tuple[RunInfo, bool]:
@@ -208,12 +206,8 @@ def test_finish_run(db: Path) -> None:
 
 
 def test_run_key_is_canonical() -> None:
-    a = run_key(
-        {"model": "m", "data": "d", "threats": ["linf:0.1"], "attack": {"steps": 10, "rel": 0.1}, "seed": 0}
-    )
-    b = run_key(
-        {"seed": 0, "attack": {"rel": 0.1, "steps": 10}, "threats": ["linf:0.1"], "data": "d", "model": "m"}
-    )
+    a = run_key({"model": "m", "data": "d", "threats": ["linf:0.1"], "attack": {"steps": 10, "rel": 0.1}, "seed": 0})
+    b = run_key({"seed": 0, "attack": {"rel": 0.1, "steps": 10}, "threats": ["linf:0.1"], "data": "d", "model": "m"})
     assert a == b and len(a) == 16 and int(a, 16) >= 0
     assert run_key({"eps": 0.1}) != run_key({"eps": 0.1 + 1e-17 * 10})
     assert run_key({"eps": 1}) != run_key({"eps": 2})
@@ -228,9 +222,7 @@ def test_upsert_does_not_double_count(db: Path) -> None:
     with Store(db) as store:
         run, _ = _open(store)
         store.write_records(run.id, [_rec(i) for i in range(5)])
-        store.write_records(
-            run.id, [_rec(i, status="falsified", adv_distance=0.05, attack="pgd") for i in range(3, 8)]
-        )
+        store.write_records(run.id, [_rec(i, status="falsified", adv_distance=0.05, attack="pgd") for i in range(3, 8)])
         recs = store.records(run.id)
         assert [r.index for r in recs] == list(range(8))
         assert store.run(run.id).n_records == 8

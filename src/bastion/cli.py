@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,46 @@ def _parse_eps(text: str) -> list[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_device(name: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BastionError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BastionError(f"--device {name!r}: this torch build or machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BastionError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return name
+
+
+def _check_plot_path(path: str) -> Path:
+    """Fail before any work if the figure could not be written (missing folder, unknown format)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise BastionError(f"--plot {path!r}: the folder {str(out.parent)!r} does not exist")
+    formats = Figure().canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise BastionError(f"--plot {path!r}: unknown figure format; use one of .{', .'.join(sorted(formats))}")
+    return out
+
+
 def _parse_opts(items: Sequence[str]) -> list[tuple[str | None, str, Any]]:
     """``key=value`` or ``attack.key=value`` strings -> (attack or None, key, Python value)."""
     out = []
@@ -118,12 +159,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bastion.models import load_model
     from bastion.threat import LpBall
 
+    plot = _check_plot_path(args.plot) if args.plot else None
+    device = _check_device(args.device) if args.device else None
     data = load_data(args.data)
     if args.limit is not None:
         data = data.subset(slice(0, args.limit))
     model = load_model(args.model, input_shape=data.feature_shape, num_classes=data.num_classes)
-    if args.device:
-        model = model.to(args.device)
+    if device is not None:
+        model = model.to(device)
     threats = [LpBall(args.norm, e) for e in args.eps]
     attacks = _build_attacks(args.attack, _parse_opts(args.attack_opt))
     result = evaluate(
@@ -131,10 +174,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.json, config={"model_spec": args.model, "data_spec": args.data},
     )  # fmt: skip
     _print_result(result, args.json)
-    if args.plot:
+    if plot is not None:
         from bastion.report import plot_robust_accuracy
 
-        plot_robust_accuracy(result, args.plot, title=f"{args.model} on {data.name}")
+        plot_robust_accuracy(result, plot, title=f"{args.model} on {data.name}")
     return 0
 
 
@@ -254,10 +297,17 @@ def cmd_attacks(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (like every other bastion error), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bastion import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bastion",
         description="Adversarial robustness of deep learning models: attack, evaluate, store and resume.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -287,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="attack hyperparameter, repeatable; ATTACK.KEY=VALUE for one attack only")  # fmt: skip
     p.add_argument("--store", default=None, help="SQLite store: results are written per batch and the run resumes")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda")
     p.add_argument("--plot", default=None, help="write a robust-accuracy-vs-eps figure here (e.g. plot.png)")

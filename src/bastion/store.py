@@ -265,9 +265,7 @@ class Store:
                 "create it first or choose another --store path"
             )
         if self.path.is_dir():
-            raise StoreError(
-                f"the result store path {self.path} is a directory; give a file path with --store"
-            )
+            raise StoreError(f"the result store path {self.path} is a directory; give a file path with --store")
         try:
             # isolation_level=None: transactions are begun explicitly (see _write), so that each write takes
             # the write lock up front and nothing is ever left half-open by the module's implicit BEGIN.
@@ -452,9 +450,7 @@ class Store:
                 key must mean the same job), or ``config`` holds a value that is not JSON.
         """
         if not isinstance(key, str) or not key:
-            raise StoreError(
-                f"a run key must be a non-empty string, got {key!r}; derive one with run_key(...)"
-            )
+            raise StoreError(f"a run key must be a non-empty string, got {key!r}; derive one with run_key(...)")
         if not isinstance(config, dict):
             raise StoreError(f"config must be a dict, got {type(config).__name__}")
         n_samples = int(n_samples)

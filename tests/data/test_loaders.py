@@ -91,9 +91,7 @@ def test_mnist_bad_magic(tmp_path: Path) -> None:
     labels = tmp_path / "t10k-labels-idx1-ubyte"
     # Swapped files: the label file where the images should be.
     images.write_bytes(labels.read_bytes())
-    with pytest.raises(
-        DataError, match=r"t10k-images-idx3-ubyte: bad magic number 0x00000801.*0x00000803.*swapped"
-    ):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: bad magic number 0x00000801.*0x00000803.*swapped"):
         load_mnist(tmp_path)
     images.write_bytes(b"\x12\x34\x56\x78" + bytes(20))
     with pytest.raises(DataError, match="bad magic number 0x12345678"):
@@ -109,9 +107,7 @@ def test_mnist_truncated_and_trailing(tmp_path: Path) -> None:
     images = tmp_path / "t10k-images-idx3-ubyte"
     full = images.read_bytes()
     images.write_bytes(full[:-100])
-    with pytest.raises(
-        DataError, match=r"t10k-images-idx3-ubyte: .*but only 4604 bytes follow; the file is truncated"
-    ):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: .*but only 4604 bytes follow; the file is truncated"):
         load_mnist(tmp_path)
     images.write_bytes(full[:10])
     with pytest.raises(DataError, match="shorter than the 16-byte IDX header"):
@@ -125,9 +121,7 @@ def test_mnist_corrupt_gzip(tmp_path: Path) -> None:
     write_mnist(tmp_path, gz=True)
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-30])
-    with pytest.raises(
-        DataError, match=r"t10k-images-idx3-ubyte\.gz: the gzip stream is corrupt or truncated"
-    ):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz: the gzip stream is corrupt or truncated"):
         load_mnist(tmp_path)
 
 
@@ -137,9 +131,7 @@ def test_mnist_count_mismatch_and_bad_labels(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"holds 6 images but .*t10k-labels-idx1-ubyte holds 5 labels"):
         load_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 1, 2, 12, 3, 4])))
-    with pytest.raises(
-        DataError, match=r"t10k-labels-idx1-ubyte: label 12 of record 3 is outside the 10 classes"
-    ):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: label 12 of record 3 is outside the 10 classes"):
         load_mnist(tmp_path)
 
 
@@ -193,9 +185,7 @@ def test_cifar_errors(tmp_path: Path) -> None:
     path = tmp_path / "test_batch.bin"
     write_cifar(path, n=2)
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(
-        DataError, match=r"test_batch\.bin: 6139 bytes is not a whole number of CIFAR-10 records"
-    ):
+    with pytest.raises(DataError, match=r"test_batch\.bin: 6139 bytes is not a whole number of CIFAR-10 records"):
         load_cifar10(tmp_path)
     records = np.zeros((2, 3073), dtype=np.uint8)
     records[1, 0] = 10

@@ -23,9 +23,7 @@ def test_uint8_is_scaled_and_float64_converted() -> None:
 
 
 def test_torch_input_and_integer_features() -> None:
-    x, y, k = validate_arrays(
-        torch.ones(4, 3, dtype=torch.int32), torch.tensor([0, 1, 0, 1], dtype=torch.int32)
-    )
+    x, y, k = validate_arrays(torch.ones(4, 3, dtype=torch.int32), torch.tensor([0, 1, 0, 1], dtype=torch.int32))
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and k == 2
 
 
@@ -47,9 +45,7 @@ def test_nan_and_inf_are_reported_with_source_and_sample() -> None:
 def test_out_of_domain_values_name_range_and_fix() -> None:
     x = np.zeros((3, 2))
     x[1, 1] = 255.0
-    with pytest.raises(
-        DataError, match=r"range over \[0, 255\].*value 255 in sample 1.*divide by 255"
-    ) as info:
+    with pytest.raises(DataError, match=r"range over \[0, 255\].*value 255 in sample 1.*divide by 255") as info:
         validate_arrays(x, [0, 0, 0], source="f.csv")
     assert str(info.value).startswith("f.csv:")
 

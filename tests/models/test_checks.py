@@ -9,6 +9,8 @@ from torch import nn
 from bastion.errors import BastionWarning, ModelError
 from bastion.models import check_logits, cnn, eval_mode, mlp, model_device, model_fingerprint, resnet
 
+# Tiny tensors: extra intra-op threads only wait on each other (see tests/conftest.py).
+
 PINNED = "b46fbfe6238f6affcf3db36c2e9912aab4bf64a220f2e951dc00bcf07252777d"
 
 
@@ -113,10 +115,20 @@ def test_fingerprint_is_stable_and_sensitive() -> None:
 
 
 def test_fingerprint_is_pinned() -> None:
-    # Fingerprints are stored with results and compared across runs and machines, so the hashing scheme must not
-    # drift: weights set to fixed values must always give this digest.
+    # Fingerprints are stored with results and compared across runs, processes and machines, so the hashing
+    # scheme must not drift: weights set to fixed values must always give this digest.
     model = mlp((3,), 2, hidden=(4,))
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
             p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (i + 1))
     assert model_fingerprint(model) == PINNED
+
+
+def test_eval_mode_accepts_raw_exported_modules() -> None:
+    # torch.export modules refuse train()/eval(); eval_mode must still work and restore the flags.
+    program = torch.export.export(mlp((3,), 2, hidden=(4,)).eval(), (torch.rand(2, 3),)).module()
+    before = _flags(program)
+    with eval_mode(program):
+        assert not any(_flags(program))
+        assert program(torch.rand(2, 3)).shape == (2, 2)
+    assert _flags(program) == before

@@ -12,6 +12,8 @@ from bastion.errors import ModelError
 from bastion.models import ZOO, build_model, cnn, load_model, mlp, resnet, save_model
 from bastion.models.io import ExportedModule
 
+# Tiny tensors: extra intra-op threads only wait on each other (see tests/conftest.py).
+
 SHAPE = (1, 8, 8)
 
 
@@ -70,7 +72,7 @@ def test_save_refuses_a_config_that_does_not_rebuild_the_model(tmp_path: Path) -
         )
     with pytest.raises(ModelError, match="arch="):
         save_model(nn.Linear(3, 2), tmp_path / "m.pt")
-    with pytest.raises(ModelError, match=".pt2"):
+    with pytest.raises(ModelError, match=r"\.pt2"):
         save_model(model, tmp_path / "m.pt2")
 
 
@@ -81,8 +83,9 @@ def test_mismatched_arch_or_shape_args(tmp_path: Path) -> None:
         load_model(f"zoo:cnn@{path}")
     with pytest.raises(ModelError, match="input_shape"):
         load_model(str(path), input_shape=(1, 28, 28))
-    with pytest.raises(ModelError, match="classes"):
-        load_model(str(path), num_classes=3)
+    with pytest.raises(ModelError, match="has 10 outputs"):
+        load_model(str(path), num_classes=12)  # the data needs more classes than the model has
+    load_model(str(path), num_classes=3)  # data that uses only some of the model's classes is fine
 
 
 def test_bare_state_dict(tmp_path: Path) -> None:
@@ -146,7 +149,7 @@ def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
         load_model(f"zoo:cnn@{ckpt}", input_shape=SHAPE, num_classes=10)
     bad_pt2 = tmp_path / "bad.pt2"
     bad_pt2.write_bytes(b"nope")
-    with pytest.raises(ModelError, match="torch.export"):
+    with pytest.raises(ModelError, match=r"torch\.export"):
         load_model(str(bad_pt2))
 
 
@@ -178,7 +181,7 @@ def test_export_round_trip_static_and_dynamic_batch(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), expected)
 
     with pytest.raises(ModelError, match="returns 10 logits"):
-        load_model(str(static), num_classes=3)
+        load_model(str(static), num_classes=11)
 
 
 def test_export_gradients_flow_through_chunks(tmp_path: Path) -> None:
@@ -228,7 +231,7 @@ def test_entry_point_from_sys_path(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert isinstance(model, nn.Sequential) and not model.training
     torch.manual_seed(0)
     torch.testing.assert_close(model(torch.ones(2, 4)), mlp((4,), 3, hidden=(5,))(torch.ones(2, 4)))
-    with pytest.raises(ModelError, match="not a torch.nn.Module"):
+    with pytest.raises(ModelError, match=r"not a torch\.nn\.Module"):
         load_model("bastion_test_factory_mod:not_a_model")
     with pytest.raises(ModelError, match="no arguments"):
         load_model("bastion_test_factory_mod:needs_args")

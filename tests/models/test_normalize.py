@@ -6,6 +6,8 @@ import torch
 from bastion.errors import ModelError
 from bastion.models import Normalize
 
+# Tiny tensors: extra intra-op threads only wait on each other (see tests/conftest.py).
+
 
 def test_scalar_mean_std_on_images_and_vectors() -> None:
     layer = Normalize(0.5, 0.25)
@@ -76,3 +78,8 @@ def test_loading_per_channel_values_into_a_scalar_layer() -> None:
     dst.load_state_dict(src.state_dict())
     x = torch.rand(2, 3, 4, 4)
     torch.testing.assert_close(dst(x), src(x))
+
+
+def test_loading_a_zero_std_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="std must be > 0"):
+        Normalize().load_state_dict({"mean": torch.zeros(1), "std": torch.zeros(1)})

@@ -8,6 +8,8 @@ from bastion.errors import ModelError
 from bastion.models import ZOO, Normalize, build_model, cnn, mlp, resnet
 from bastion.models.zoo import BasicBlock
 
+# Tiny tensors: extra intra-op threads only wait on each other (see tests/conftest.py).
+
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 ALLOWED = (
     Normalize,
@@ -130,3 +132,12 @@ def test_bad_architecture_arguments(kwargs: dict[str, object]) -> None:
 def test_bad_num_classes(k: object) -> None:
     with pytest.raises(ModelError, match="num_classes"):
         build_model("mlp", (4,), k)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_models_are_fx_traceable(name: str) -> None:
+    # Verifiers may read the network through torch.fx; Normalize must not break symbolic tracing.
+    model = build_model(name, (3, 8, 8), 4, mean=[0.1, 0.2, 0.3], std=0.5).eval()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(graph(x), model(x))

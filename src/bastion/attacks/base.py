@@ -62,6 +62,13 @@ class CountingModel:
         return logits.detach(), loss.detach(), grad
 
 
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1, or an InputError naming the hyperparameter (no silent truncation of 2.7 to 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 class Attack(ABC):
     """Base class of every attack.
 
@@ -112,9 +119,9 @@ class Attack(ABC):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         device = model_device(model)
         x_t, y_t, _ = validate_arrays(x, y, domain=threat.domain, source="x/y given to the attack")
-        x_t, y_t = x_t.to(device), y_t.to(device)
         if torch.is_tensor(x) and x.is_floating_point():
-            x_t = x_t.to(x.dtype)  # keep float64 inputs in float64
+            x_t = x.detach()  # validated; keep the caller's precision (float64 stays float64)
+        x_t, y_t = x_t.to(device), y_t.to(device)
         t_t = None if targets is None else self._check_targets(targets, y_t)
 
         start = time.perf_counter()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from bastion.attacks.base import Attack, CountingModel
+from bastion.attacks.base import Attack, CountingModel, positive_int
 from bastion.errors import InputError
 from bastion.results import Criterion, LossName
 from bastion.threat import LpBall, ThreatModel
@@ -67,10 +67,6 @@ class PGD(Attack):
         schedule: str = "constant",
         early_stop: bool = True,
     ) -> None:
-        if int(steps) < 1:
-            raise InputError(f"steps must be >= 1, got {steps!r}")
-        if int(restarts) < 1:
-            raise InputError(f"restarts must be >= 1, got {restarts!r}")
         if abs_stepsize is None and not rel_stepsize > 0:
             raise InputError(f"rel_stepsize must be > 0, got {rel_stepsize!r}")
         if abs_stepsize is not None and not abs_stepsize > 0:
@@ -79,11 +75,11 @@ class PGD(Attack):
             raise InputError(f"loss must be 'ce', 'dlr' or 'cw', got {loss!r}")
         if schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        self.steps = int(steps)
+        self.steps = positive_int("steps", steps)
         self.rel_stepsize = float(rel_stepsize)
         self.abs_stepsize = None if abs_stepsize is None else float(abs_stepsize)
         self.random_start = bool(random_start)
-        self.restarts = int(restarts)
+        self.restarts = positive_int("restarts", restarts)
         self.loss: LossName = loss
         self.schedule = schedule
         self.early_stop = bool(early_stop)
@@ -202,7 +198,11 @@ class BIM(PGD):
         early_stop: bool = True,
     ) -> None:
         super().__init__(
-            steps=steps or 1, abs_stepsize=abs_stepsize, random_start=False, loss=loss, early_stop=early_stop
+            steps=1 if steps is None else steps,
+            abs_stepsize=abs_stepsize,
+            random_start=False,
+            loss=loss,
+            early_stop=early_stop,
         )
         self.steps_given = steps
         self.abs_given = abs_stepsize

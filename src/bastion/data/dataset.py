@@ -27,9 +27,7 @@ def _as_index(idx: Any, n: int, what: str = "index") -> torch.Tensor:
         start, stop, step = idx.indices(n)
         return torch.arange(start, stop, step, dtype=torch.int64)
     if isinstance(idx, (bool, int, np.integer)):
-        raise InputError(
-            f"{what} must be a slice or a sequence of positions, got the single value {idx!r}; use [i]"
-        )
+        raise InputError(f"{what} must be a slice or a sequence of positions, got the single value {idx!r}; use [i]")
     if isinstance(idx, torch.Tensor):
         t = idx.detach().cpu()
     else:
@@ -41,18 +39,14 @@ def _as_index(idx: Any, n: int, what: str = "index") -> torch.Tensor:
             return torch.zeros(0, dtype=torch.int64)
         if arr.dtype.kind not in "iub":
             raise InputError(f"{what} must hold integer positions or booleans, got dtype {arr.dtype}")
-        t = torch.from_numpy(
-            np.ascontiguousarray(arr.astype(np.bool_ if arr.dtype.kind == "b" else np.int64))
-        )
+        t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.bool_ if arr.dtype.kind == "b" else np.int64)))
     if t.ndim != 1:
         raise InputError(f"{what} must be one-dimensional, got shape {tuple(t.shape)}")
     if t.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if t.dtype == torch.bool:
         if t.shape[0] != n:
-            raise InputError(
-                f"{what} is a boolean mask of length {t.shape[0]}, but the data set holds {n} samples"
-            )
+            raise InputError(f"{what} is a boolean mask of length {t.shape[0]}, but the data set holds {n} samples")
         return torch.nonzero(t).reshape(-1)
     if t.is_floating_point() or t.is_complex():
         raise InputError(f"{what} must hold integer positions, got dtype {t.dtype}")
@@ -191,9 +185,7 @@ class Dataset:
         """
         n = len(self)
         if isinstance(n_first, bool) or not isinstance(n_first, (int, np.integer)) or not 0 <= n_first <= n:
-            raise InputError(
-                f"n_first must be an integer in [0, {n}] for a data set of {n} samples, got {n_first!r}"
-            )
+            raise InputError(f"n_first must be an integer in [0, {n}] for a data set of {n} samples, got {n_first!r}")
         k = int(n_first)
         return (
             self.subset(slice(0, k), name=f"{self.name}[:{k}]"),

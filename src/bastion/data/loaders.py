@@ -104,9 +104,7 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataError(
-            f"{path}: the gzip stream is corrupt or truncated ({exc}); download the file again"
-        ) from None
+        raise DataError(f"{path}: the gzip stream is corrupt or truncated ({exc}); download the file again") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
@@ -117,8 +115,7 @@ def _standard_shape(x: np.ndarray, source: str) -> np.ndarray:
         return x[:, None]
     if x.ndim not in (2, 4):
         raise DataError(
-            f"{source}: x has shape {x.shape}; expected (N, D) vectors, (N, H, W) grey images "
-            "or (N, C, H, W) images"
+            f"{source}: x has shape {x.shape}; expected (N, D) vectors, (N, H, W) grey images or (N, C, H, W) images"
         )
     return x
 
@@ -183,9 +180,7 @@ def _parse_idx(path: Path, magic: int, what: str) -> np.ndarray:
             hint = "it looks like the IDX file of the other kind (images and labels swapped?)"
         else:
             hint = f"check that it is an MNIST {what} file in IDX format"
-        raise DataError(
-            f"{path}: bad magic number 0x{found:08x}, expected 0x{magic:08x} for IDX {what}; {hint}"
-        )
+        raise DataError(f"{path}: bad magic number 0x{found:08x}, expected 0x{magic:08x} for IDX {what}; {hint}")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -263,9 +258,7 @@ def load_mnist(directory: PathLike, split: str = "test", limit: int | None = Non
 
 
 def _cifar_directory(directory: PathLike) -> Path:
-    d = _existing_dir(
-        directory, "pass the folder cifar-10-batches-bin/ of the CIFAR-10 binary version, or its parent"
-    )
+    d = _existing_dir(directory, "pass the folder cifar-10-batches-bin/ of the CIFAR-10 binary version, or its parent")
     nested = d / "cifar-10-batches-bin"
     return nested if nested.is_dir() else d
 
@@ -512,9 +505,7 @@ def load_data(spec: str) -> Dataset:
         The loaded :class:`Dataset`.
     """
     if not isinstance(spec, str):
-        raise DataError(
-            f"data spec must be a string, got {type(spec).__name__}; accepted forms: {_SPEC_FORMS}"
-        )
+        raise DataError(f"data spec must be a string, got {type(spec).__name__}; accepted forms: {_SPEC_FORMS}")
     s = spec.strip()
     lower = s.lower()
     if lower == "digits":

@@ -38,8 +38,7 @@ def check_domain(domain: Any, *, source: str = "domain") -> tuple[float, float]:
         low, high = (float(v) for v in domain)
     except (TypeError, ValueError):
         raise DataError(
-            f"{source}: the domain must be a pair (low, high) of numbers, got {domain!r}; "
-            "pass e.g. (0.0, 1.0)"
+            f"{source}: the domain must be a pair (low, high) of numbers, got {domain!r}; pass e.g. (0.0, 1.0)"
         ) from None
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
         raise DataError(
@@ -140,9 +139,7 @@ def _validate_y(y: torch.Tensor, n: int, source: str) -> torch.Tensor:
             if y.ndim == 2 and y.shape[0] == n and y.shape[1] > 1
             else ""
         )
-        raise DataError(
-            f"{source}: y has shape {tuple(y.shape)}; expected a vector of N={n} class labels.{hint}"
-        )
+        raise DataError(f"{source}: y has shape {tuple(y.shape)}; expected a vector of N={n} class labels.{hint}")
     if y.shape[0] != n:
         raise DataError(
             f"{source}: x holds {n} samples but y holds {y.shape[0]} labels; they must have the same length"
@@ -197,9 +194,7 @@ def validate_arrays(
     xt = _to_tensor(x, "x", source)
     yt = _to_tensor(y, "y", source)
     if xt.device != yt.device:
-        raise DataError(
-            f"{source}: x is on {xt.device} but y is on {yt.device}; move both to the same device"
-        )
+        raise DataError(f"{source}: x is on {xt.device} but y is on {yt.device}; move both to the same device")
     xt = _validate_x(xt, (low, high), source)
     n = int(xt.shape[0])
     yt = _validate_y(yt, n, source)

@@ -85,9 +85,7 @@ def check_logits(logits: object, n: int, *, where: str = "model output") -> int:
     if logits.dim() != 2 or shape[0] != n or shape[1] < 2:
         hint = ""
         if logits.dim() == 1 and shape[0] == n:
-            hint = (
-                "; a single score per input (binary classifier?) must be turned into two logits, e.g. [-s, s]"
-            )
+            hint = "; a single score per input (binary classifier?) must be turned into two logits, e.g. [-s, s]"
         elif logits.dim() > 2:
             hint = "; flatten or squeeze the output to (N, K)"
         raise ModelError(f"{where}: got shape {shape}, expected {expected}{hint}")

@@ -13,8 +13,7 @@ A model is named by a *spec* string, the same on the command line and in the Pyt
     a function called with no arguments that returns an ``nn.Module``.
 
 Weight files are read with ``torch.load(weights_only=True)``: bastion never unpickles arbitrary objects, which
-could run code. Every failure becomes a :class:`~bastion.errors.ModelError` that names the spec and what to
-do.
+could run code. Every failure becomes a :class:`~bastion.errors.ModelError` that names the spec and what to do.
 """
 
 from __future__ import annotations
@@ -23,8 +22,11 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import sys
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -65,18 +67,13 @@ def _clean_config(config: Any, where: str) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ModelError(f"{where}: config must be a dict, got {type(config).__name__}")
     try:
-        # The JSON round trip turns tuples into lists and guarantees weights_only=True can read the config
-        # back.
+        # The JSON round trip turns tuples into lists and guarantees that weights_only=True can read it back.
         clean = json.loads(json.dumps(dict(config)))
     except (TypeError, ValueError) as exc:
-        raise ModelError(
-            f"{where}: config must be JSON-serialisable (numbers, strings, lists, dicts): {exc}"
-        ) from exc
+        raise ModelError(f"{where}: config must be JSON-serialisable (numbers, strings, lists, dicts): {exc}") from exc
     for key in ("input_shape", "num_classes"):
         if key not in clean:
-            raise ModelError(
-                f"{where}: config lacks {key!r}; it needs input_shape, num_classes and the arch kwargs"
-            )
+            raise ModelError(f"{where}: config lacks {key!r}; it needs input_shape, num_classes and the arch kwargs")
     return clean
 
 
@@ -98,9 +95,7 @@ def _load_weights(model: nn.Module, state: Mapping[str, Any], where: str, advice
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise ModelError(
-            f"{where}: the weights do not fit the architecture ({_detail(exc)}); {advice}"
-        ) from exc
+        raise ModelError(f"{where}: the weights do not fit the architecture ({_detail(exc)}); {advice}") from exc
 
 
 def save_model(
@@ -120,8 +115,8 @@ def save_model(
     Args:
         model: the model, built from the zoo.
         path: destination file (``.pt`` by convention); parent folders are created.
-        arch: a :data:`~bastion.models.zoo.ZOO` name; defaults to the one recorded by the factory on the
-        model. config: JSON-able dict with ``input_shape`` (list), ``num_classes``, ``mean``, ``std`` and the
+        arch: a :data:`~bastion.models.zoo.ZOO` name; defaults to the one recorded by the factory on the model.
+        config: JSON-able dict with ``input_shape`` (list), ``num_classes``, ``mean``, ``std`` and the
             architecture keyword arguments; defaults to the one recorded by the factory on the model.
 
     Raises:
@@ -139,9 +134,7 @@ def save_model(
         arch = str(recorded["arch"])
     if config is None:
         if not isinstance(recorded, Mapping) or recorded.get("arch") != arch:
-            raise ModelError(
-                f"{where}: give config= (input_shape, num_classes, mean, std and the arch kwargs)"
-            )
+            raise ModelError(f"{where}: give config= (input_shape, num_classes, mean, std and the arch kwargs)")
         config = recorded["config"]
     clean = _clean_config(config, where)
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items() if isinstance(v, Tensor))
@@ -162,9 +155,12 @@ def _read_weights_file(spec: str, path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
+        text = str(exc)
+        if "weights_only" in text or "Weights only" in text:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
             raise ModelError(
-                f"model spec {spec!r}: {os.fspath(path)!r} contains Python objects other than tensors and "
+                f"model spec {spec!r}: {os.fspath(path)!r} contains Python objects{what} other than tensors and "
                 "plain containers, and bastion never unpickles arbitrary objects "
                 "(torch.load(weights_only=True)). Re-save only the weights, with "
                 "bastion.models.save_model(model, path) or torch.save(model.state_dict(), path)"
@@ -184,10 +180,10 @@ def _check_matches(spec: str, config: Mapping[str, Any], input_shape: Any, num_c
             f"model spec {spec!r}: the file is for input_shape {tuple(config['input_shape'])} but "
             f"input_shape {tuple(input_shape)} was asked for"
         )
-    if num_classes is not None and num_classes != config["num_classes"]:
+    if num_classes is not None and num_classes > config["num_classes"]:
         raise ModelError(
-            f"model spec {spec!r}: the file is for {config['num_classes']} classes but "
-            f"num_classes={num_classes} was asked for"
+            f"model spec {spec!r}: the file's model has {config['num_classes']} outputs but the data has labels "
+            f"up to {num_classes - 1}; use a model trained for at least {num_classes} classes"
         )
 
 
@@ -197,16 +193,13 @@ def _load_zoo(spec: str, name: str | None, path: Path, input_shape: Any, num_cla
         version = obj.get("version")
         if version != VERSION:
             raise ModelError(
-                f"model spec {spec!r}: bastion-model file version {version!r}; "
-                f"this bastion reads version {VERSION}"
+                f"model spec {spec!r}: bastion-model file version {version!r}; this bastion reads version {VERSION}"
             )
         arch = obj.get("arch")
         config = obj.get("config")
         state = obj.get("state_dict")
         if not isinstance(arch, str) or not isinstance(config, Mapping) or not _is_state_dict(state):
-            raise ModelError(
-                f"model spec {spec!r}: malformed bastion-model file (arch, config or state_dict)"
-            )
+            raise ModelError(f"model spec {spec!r}: malformed bastion-model file (arch, config or state_dict)")
         if name is not None and name != arch:
             raise ModelError(
                 f"model spec {spec!r}: the file holds a {arch!r} model, not {name!r}; use zoo:{arch}@{path}"
@@ -229,8 +222,11 @@ def _load_zoo(spec: str, name: str | None, path: Path, input_shape: Any, num_cla
                 "given (e.g. load_model(spec, input_shape=(1, 28, 28), num_classes=10), or --input-shape and "
                 "--num-classes on the command line)"
             )
+        # the data may not use every class the model knows: build as many outputs as the state dict holds
+        last_weight = [v for v in obj.values() if v.dim() == 2][-1:]
+        outputs = max(num_classes, int(last_weight[0].shape[0])) if last_weight else num_classes
         try:
-            model = build_model(name, tuple(input_shape), num_classes)
+            model = build_model(name, tuple(input_shape), outputs)
         except ModelError as exc:
             raise ModelError(f"model spec {spec!r}: {exc}") from exc
         _load_weights(
@@ -303,6 +299,16 @@ class ExportedModule(nn.Module):
 def _load_exported(spec: str, path: Path) -> ExportedModule:
     if not path.is_file():
         raise ModelError(f"model spec {spec!r}: file {os.fspath(path)!r} not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelError(
+            f"model spec {spec!r}: {os.fspath(path)!r} is not a torch.export archive (not a zip file); "
+            "write it with torch.export.save(torch.export.export(model, (example,)), path)"
+        )
+    # torch.export.load logs a full traceback before raising on a damaged archive; the ModelError below carries
+    # the cause already, so keep the user's terminal free of it.
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)
     try:
         program = torch.export.load(path)
     except Exception as exc:
@@ -310,11 +316,12 @@ def _load_exported(spec: str, path: Path) -> ExportedModule:
             f"model spec {spec!r}: cannot load {os.fspath(path)!r} as a torch.export program "
             f"({_detail(exc)}); write it with torch.export.save(torch.export.export(model, (example,)), path)"
         ) from exc
+    finally:
+        export_log.setLevel(level)
     user_inputs = list(program.graph_signature.user_inputs)
     if len(user_inputs) != 1:
         raise ModelError(
-            f"model spec {spec!r}: the program takes {len(user_inputs)} inputs, "
-            "a classifier takes one batch tensor"
+            f"model spec {spec!r}: the program takes {len(user_inputs)} inputs, a classifier takes one batch tensor"
         )
     batch_size: int | None = None
     sample_shape: tuple[int, ...] | None = None
@@ -340,8 +347,8 @@ def _import_target(spec: str, target: str) -> Any:
         file = Path(target)
         if not file.is_file():
             raise ModelError(f"model spec {spec!r}: file {target!r} not found")
-        # One module name per file path, so that loading the same file twice reuses nothing stale across
-        # files.
+        # Name the module after the resolved path: two different files called model.py must not share (and
+        # silently reuse) one sys.modules entry.
         name = "bastion_user_model_" + hashlib.sha1(os.fspath(file.resolve()).encode()).hexdigest()[:12]
         module_spec = importlib.util.spec_from_file_location(name, file)
         if module_spec is None or module_spec.loader is None:
@@ -378,13 +385,10 @@ def _load_entry_point(spec: str, target: str, attr: str) -> nn.Module:
         model = obj()
     except Exception as exc:
         raise ModelError(
-            f"model spec {spec!r}: calling {attr}() failed ({_detail(exc)}); "
-            "the factory must take no arguments"
+            f"model spec {spec!r}: calling {attr}() failed ({_detail(exc)}); the factory must take no arguments"
         ) from exc
     if not isinstance(model, nn.Module):
-        raise ModelError(
-            f"model spec {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise ModelError(f"model spec {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -399,8 +403,10 @@ def _dry_run(spec: str, model: nn.Module, input_shape: Sequence[int], num_classe
                 f"({_detail(exc)}); check input_shape"
             ) from exc
     k = check_logits(out, 2, where=f"model spec {spec!r}: output")
-    if num_classes is not None and k != num_classes:
-        raise ModelError(f"model spec {spec!r}: the model returns {k} logits but num_classes={num_classes}")
+    if num_classes is not None and k < num_classes:
+        raise ModelError(
+            f"model spec {spec!r}: the model returns {k} logits but the data has labels up to {num_classes - 1}"
+        )
 
 
 def _is_identifier_path(text: str) -> bool:
@@ -418,12 +424,13 @@ def load_model(
 
     ``input_shape`` and ``num_classes`` are required for a bare state dict and checked against the file
     otherwise; for ``.pt2`` programs and factories, giving ``input_shape`` runs the model once on a small
-    batch and checks that it returns ``(N, num_classes)`` logits.
+    batch and checks that it returns ``(N, K)`` logits with ``K >= num_classes``.
 
     Args:
         spec: the model spec, or a path.
         input_shape: shape of one input without the batch dimension.
-        num_classes: number of classes.
+        num_classes: number of classes the data needs; the model must have at least this many outputs (a data
+            file need not contain every class the model knows).
         map_location: device to move the model to.
 
     Returns:
@@ -447,9 +454,7 @@ def load_model(
         if not sep or not name or not file:
             raise ModelError(f"model spec {spec!r}: expected zoo:NAME@PATH, e.g. zoo:cnn@weights.pt")
         if name not in ZOO:
-            raise ModelError(
-                f"model spec {spec!r}: unknown architecture {name!r}; available: {', '.join(sorted(ZOO))}"
-            )
+            raise ModelError(f"model spec {spec!r}: unknown architecture {name!r}; available: {', '.join(sorted(ZOO))}")
         model = _load_zoo(spec, name, Path(file), input_shape, num_classes)
     elif suffix == ".pt2":
         exported = _load_exported(spec, Path(spec))
@@ -469,9 +474,7 @@ def load_model(
     try:
         model = model.to(map_location)
     except Exception as exc:
-        raise ModelError(
-            f"model spec {spec!r}: cannot move the model to {map_location!r} ({_detail(exc)})"
-        ) from exc
+        raise ModelError(f"model spec {spec!r}: cannot move the model to {map_location!r} ({_detail(exc)})") from exc
     try:
         model.eval()
     except NotImplementedError:

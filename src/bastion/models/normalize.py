@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bastion.errors import ModelError
 
-__all__ = ["Normalize"]
+__all__ = ["Normalize", "normalize"]
 
 
 def _as_vector(value: float | Sequence[float] | Tensor, name: str) -> Tensor:
@@ -28,9 +28,7 @@ def _as_vector(value: float | Sequence[float] | Tensor, name: str) -> Tensor:
         try:
             vec = torch.tensor([float(v) for v in value], dtype=torch.float32)
         except (TypeError, ValueError) as exc:
-            raise ModelError(
-                f"Normalize: {name} must be a float or a sequence of floats, got {value!r}"
-            ) from exc
+            raise ModelError(f"Normalize: {name} must be a float or a sequence of floats, got {value!r}") from exc
     else:
         raise ModelError(f"Normalize: {name} must be a float or a sequence of floats, got {value!r}")
     if vec.numel() == 0:
@@ -38,6 +36,34 @@ def _as_vector(value: float | Sequence[float] | Tensor, name: str) -> Tensor:
     if not bool(torch.isfinite(vec).all()):
         raise ModelError(f"Normalize: {name} must be finite, got {vec.tolist()}")
     return vec
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Compute ``(x - mean) / std`` with 1-D ``mean``/``std`` broadcast over dimension 1 of ``x``.
+
+    Args:
+        x: a batch ``(N, C, ...)`` or ``(N, D)``.
+        mean: ``C`` values, or one.
+        std: ``C`` values, or one.
+
+    Returns:
+        The normalised batch, shaped like ``x``.
+    """
+    c = max(mean.numel(), std.numel())
+    if x.dim() < 2:
+        raise ModelError(f"Normalize: expected a batch of shape (N, C, ...), got shape {tuple(x.shape)}")
+    if c > 1 and x.shape[1] != c:
+        raise ModelError(
+            f"Normalize: input has {x.shape[1]} channels (shape {tuple(x.shape)}) but mean/std have {c} values"
+        )
+    # Per-channel values go on dimension 1 whatever the rank: (1, C) for vectors, (1, C, 1, 1) for images.
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - mean.reshape(shape)) / std.reshape(shape)
+
+
+# torch.fx symbolic tracing cannot branch on the rank of a proxy; keeping this call as one opaque node makes the
+# zoo models traceable with torch.fx as well as torch.export.
+torch.fx.wrap("normalize")
 
 
 class Normalize(nn.Module):
@@ -77,11 +103,6 @@ class Normalize(nn.Module):
         """Number of channels the layer is specific to (1 when one value is shared by all channels)."""
         return max(self.mean.numel(), self.std.numel())
 
-    def _shaped(self, buf: Tensor, x: Tensor) -> Tensor:
-        # Place the per-channel values on dimension 1 whatever the rank of the input: (1, C) for vectors,
-        # (1, C, 1, 1) for images, (1, C, 1) for sequences.
-        return buf.reshape((1, -1) + (1,) * (x.dim() - 2))
-
     def forward(self, x: Tensor) -> Tensor:
         """Normalise a batch.
 
@@ -91,15 +112,7 @@ class Normalize(nn.Module):
         Returns:
             ``(x - mean) / std`` with the same shape as ``x``.
         """
-        c = self.channels
-        if x.dim() < 2:
-            raise ModelError(f"Normalize: expected a batch of shape (N, C, ...), got shape {tuple(x.shape)}")
-        if c > 1 and x.shape[1] != c:
-            raise ModelError(
-                f"Normalize: input has {x.shape[1]} channels (shape {tuple(x.shape)}) "
-                f"but mean/std have {c} values"
-            )
-        return (x - self._shaped(self.mean, x)) / self._shaped(self.std, x)
+        return normalize(x, self.mean, self.std)
 
     def _load_from_state_dict(
         self,
@@ -122,6 +135,8 @@ class Normalize(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if prefix + "std" in state_dict and not bool((self.std > 0).all()):
+            error_msgs.append(f"{prefix}std must be > 0 everywhere, got {self.std.tolist()}")
 
     def extra_repr(self) -> str:
         def fmt(t: Tensor) -> str:

@@ -2,8 +2,8 @@
 
 Every factory has the signature ``f(input_shape, num_classes, *, mean=0.0, std=1.0, **arch_kwargs)`` and
 returns an ``nn.Sequential`` whose first layer is :class:`~bastion.models.normalize.Normalize`, so that inputs
-stay in ``[0, 1]``. Only operators that the verifiers support are used: Linear, Conv2d, ReLU, Flatten, BatchNorm2d,
-MaxPool2d, AdaptiveAvgPool2d and the residual addition of :class:`BasicBlock`.
+stay in ``[0, 1]``. Only operators that the verifiers support are used: Linear, Conv2d, ReLU, Flatten,
+BatchNorm2d, MaxPool2d, AdaptiveAvgPool2d and the residual addition of :class:`BasicBlock`.
 
 Each model built here remembers how it was built in the attribute ``bastion_spec`` (``{"arch": ..., "config":
 ...}``), which :func:`bastion.models.io.save_model` uses when no explicit ``arch``/``config`` is given.
@@ -28,9 +28,7 @@ MeanStd = float | Sequence[float]
 def _check_input_shape(input_shape: Any, arch: str, *, image: bool) -> tuple[int, ...]:
     what = "(C, H, W), e.g. (1, 28, 28)" if image else "(D,) or (C, H, W)"
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        raise ModelError(
-            f"{arch}: input_shape must be a tuple {what} without the batch dimension, got {input_shape!r}"
-        )
+        raise ModelError(f"{arch}: input_shape must be a tuple {what} without the batch dimension, got {input_shape!r}")
     dims = tuple(input_shape)
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
         raise ModelError(
@@ -76,9 +74,7 @@ def _positive_ints(value: Any, name: str, arch: str, *, allow_empty: bool = Fals
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ModelError(f"{arch}: {name} must be a sequence of positive ints, got {value!r}")
     out = tuple(value)
-    if (not out and not allow_empty) or any(
-        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out
-    ):
+    if (not out and not allow_empty) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out):
         raise ModelError(f"{arch}: {name} must be a sequence of positive ints, got {value!r}")
     return out
 
@@ -169,18 +165,11 @@ def cnn(
     k = _check_num_classes(num_classes, "cnn")
     c1, c2 = _conv_channels(channels)
     width = _positive_int(hidden, "hidden", "cnn")
-    if (
-        isinstance(kernel_size, bool)
-        or not isinstance(kernel_size, int)
-        or kernel_size < 1
-        or kernel_size % 2 == 0
-    ):
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ModelError(f"cnn: kernel_size must be a positive odd int, got {kernel_size!r}")
     c, h, w = dims
     if h < 4 or w < 4:
-        raise ModelError(
-            f"cnn: input height and width must be >= 4 (two 2x2 poolings), got input_shape {dims}"
-        )
+        raise ModelError(f"cnn: input height and width must be >= 4 (two 2x2 poolings), got input_shape {dims}")
     pad = kernel_size // 2
     flat = c2 * (h // 2 // 2) * (w // 2 // 2)
     model = nn.Sequential(
@@ -345,9 +334,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     try:
         inspect.signature(factory).bind(input_shape, num_classes, **kwargs)
     except TypeError as exc:
-        accepted = [
-            p.name for p in inspect.signature(factory).parameters.values() if p.kind is p.KEYWORD_ONLY
-        ]
+        accepted = [p.name for p in inspect.signature(factory).parameters.values() if p.kind is p.KEYWORD_ONLY]
         raise ModelError(
             f"{name}: invalid arguments {sorted(kwargs)} ({exc}); keyword arguments accepted: {accepted}"
         ) from exc

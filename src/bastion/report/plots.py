@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from bastion.errors import InputError
 from bastion.evaluate import EvaluationResult
 
 
@@ -55,6 +56,10 @@ def plot_robust_accuracy(result: EvaluationResult, path: str | Path, *, title: s
     fig.suptitle(title or f"Robust accuracy (n = {result.n})")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
+    finally:
+        plt.close(fig)
     return out

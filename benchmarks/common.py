@@ -157,6 +157,7 @@ class Timing:
 
     name: str
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time (all threads) of the same runs
     output: Any = None
     error: str | None = None
 
@@ -165,9 +166,17 @@ class Timing:
         return statistics.median(self.seconds) if self.seconds else float("nan")
 
     @property
-    def spread(self) -> float:
-        """Largest minus smallest measured time."""
-        return max(self.seconds) - min(self.seconds) if self.seconds else float("nan")
+    def cpu_median(self) -> float:
+        """Median CPU time: less sensitive than wall time to other processes taking turns on the cores."""
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else float("nan")
+
+    @property
+    def fastest(self) -> float:
+        return min(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def slowest(self) -> float:
+        return max(self.seconds) if self.seconds else float("nan")
 
 
 def time_alternating(
@@ -178,7 +187,8 @@ def time_alternating(
     warmup_with: dict[str, Callable[[], Any]] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Timing]:
-    """Time each callable with ``time.perf_counter``, interleaving them run by run (A B C, A B C, ...).
+    """Time each callable with ``time.perf_counter`` (and ``time.process_time``), interleaving them run by run
+    (A B C, A B C, ...).
 
     Interleaving spreads slow drifts of the machine (frequency scaling, a noisy neighbour) over every competitor
     instead of charging them to whoever ran last. The first ``warmup`` rounds are run but not recorded; they call
@@ -195,7 +205,7 @@ def time_alternating(
             if t.error is not None:
                 continue
             fn = timed_fn if measured or not warmup_with else warmup_with.get(name, timed_fn)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 out = fn()
             except Exception as exc:
@@ -203,13 +213,14 @@ def time_alternating(
                 if log:
                     log(f"  {name}: failed ({t.error})")
                 continue
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if measured:
                 t.seconds.append(elapsed)
+                t.cpu_seconds.append(cpu)
                 t.output = out
             if log:
                 tag = f"run {rnd - warmup + 1}/{repeats}" if measured else "warm-up"
-                log(f"  {tag:>9}  {name:<28} {elapsed:8.3f} s")
+                log(f"  {tag:>9}  {name:<44} {elapsed:8.3f} s  (CPU {cpu:8.3f} s)")
     return timings
 
 
@@ -236,6 +247,9 @@ def load_peer(name: str) -> Peer:
         version = metadata.version(_PEER_DISTRIBUTIONS[name])
     except metadata.PackageNotFoundError:
         version = None
+    # foolbox imports GitPython (for its model zoo), which refuses to import without a git executable unless told
+    # to stay quiet; the attacks do not need git.
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     try:
         module = importlib.import_module(_PEER_MODULES[name])
     except Exception as exc:  # ImportError, but also AttributeError etc. from a peer built for an older NumPy

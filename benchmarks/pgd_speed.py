@@ -226,8 +226,9 @@ def run_setting(
         rows.append(
             [
                 name,
-                f"{t.median:.3f}",
-                f"{t.spread:.3f}",
+                f"{t.median:.2f}",
+                f"{t.fastest:.2f}–{t.slowest:.2f}",
+                f"{t.cpu_median:.2f}",
                 f"{t.median / bare_t:.2f}",
                 f"{t.median / bastion_t:.2f}" if bastion_t == bastion_t else "n/a",
                 f"{c.robust_acc:.4f}",
@@ -239,7 +240,8 @@ def run_setting(
     header = [
         "implementation",
         "median s",
-        "max-min s",
+        "range s",
+        "CPU s",
         "× bare",
         "× bastion (no early stop)",
         "acc on x_adv",
@@ -264,10 +266,14 @@ def run_setting(
         t = timings.get(variant)
         if t is None or t.error:
             continue
-        line = f"- {variant}: bastion / bare = {t.median / bare_t:.2f}"
+        line = f"- {variant}: bastion / bare = {t.median / bare_t:.2f} (CPU time {t.cpu_median / ref.cpu_median:.2f})"
         if peer_times:
             fastest = min(peer_times, key=peer_times.__getitem__)
-            line += f", bastion / fastest peer = {t.median / peer_times[fastest]:.2f} (fastest peer: {fastest})"
+            cpu_ratio = t.cpu_median / timings[fastest].cpu_median
+            line += (
+                f", bastion / fastest peer = {t.median / peer_times[fastest]:.2f} (CPU time {cpu_ratio:.2f}; "
+                f"fastest peer by median wall time: {fastest})"
+            )
         lines.append(line)
     for name, why in skipped.items():
         lines.append(f"- not measured: {name}: {why}")

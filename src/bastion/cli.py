@@ -352,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("attacks", help="list the attacks with their threat models, access and paper")
+    p = sub.add_parser(
+        "attacks",
+        help="list the attacks with their threat models, access and paper",
+        epilog="examples:\n  bastion attacks\n  bastion attacks --json   # for scripts",
+        formatter_class=fmt,
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_attacks)
     return parser

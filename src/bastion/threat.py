@@ -302,6 +302,21 @@ def _project_l2_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, e
     inside = (boxed * boxed).sum(dim=1) <= eps2
     if bool(inside.all()):
         return boxed
+    # where scaling onto the ball already lands inside the box, that point is the projection onto the intersection
+    scaled = d * (eps / d.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)[:, None]
+    easy = inside | ((scaled >= lower) & (scaled <= upper)).all(dim=1)
+    out = torch.where(inside[:, None], boxed, scaled)
+    hard = (~easy).nonzero().squeeze(1)
+    if hard.numel():
+        out[hard] = _project_l2_box_sorted(d[hard], lower[hard], upper[hard], eps[hard])
+    return out
+
+
+def _project_l2_box_sorted(
+    d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """The l2 ∩ box projection for rows that need the box: exact breakpoint search (rows with ``||clip(d)|| > eps``)."""
+    eps2 = eps * eps
     ad = d.abs()
     room = torch.where(d > 0, upper, -lower)  # how far coordinate i can go in the direction of d_i
     # t_i: the scale at which coordinate i reaches the box; coordinates that do not move never do.
@@ -319,8 +334,7 @@ def _project_l2_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, e
     b = free_from.gather(1, k).squeeze(1)
     t_star = ((eps2 - a).clamp_min(0) / b.clamp_min(1e-30)).sqrt().clamp(max=1.0)
     scaled = torch.minimum(torch.maximum(t_star[:, None] * d, lower), upper)
-    scaled = _shrink_to(scaled, eps, "l2")
-    return torch.where(inside[:, None], boxed, scaled)
+    return _shrink_to(scaled, eps, "l2")
 
 
 def _project_l1_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

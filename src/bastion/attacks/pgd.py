@@ -84,6 +84,12 @@ class PGD(Attack):
         self.schedule = schedule
         self.early_stop = bool(early_stop)
 
+    def options(self) -> dict[str, object]:
+        opts = super().options()
+        if self.abs_stepsize is not None:
+            del opts["rel_stepsize"]  # unused when an absolute step is given
+        return opts
+
     def iterations(self, threat: LpBall) -> tuple[int, float]:
         """Number of iterations and base step length for this threat model."""
         if math.isinf(threat.eps) and self.abs_stepsize is None:
@@ -159,6 +165,13 @@ class PGD(Attack):
                 first_hit = first_hit | hit
             x_adv = threat.project(threat.step(x_adv, grad, alpha * m), x0)
 
+        if self.restarts == 1:
+            # nothing to compare with: hand over the last iterate (or an adversarial one kept from earlier) and
+            # let the base class's re-verification decide, saving a forward pass
+            if first_hit is not None and kept is not None:
+                x_adv = torch.where(first_hit.view((-1,) + (1,) * (x0.dim() - 1)), kept, x_adv)
+            best[idx] = x_adv
+            return
         logits = model(x_adv)
         hit = crit.is_adversarial(logits)
         if first_hit is not None and kept is not None:

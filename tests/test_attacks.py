@@ -242,3 +242,18 @@ def test_dataset_and_attack_agree_on_validation() -> None:
     x[0, 0] = 1.5
     with pytest.raises(InputError):
         Dataset(x, torch.zeros(3, dtype=torch.long), 2, "bad")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("threat", [LpBall("linf", 0.1), LpBall("l2", 1.0), LpBall("l1", 4.0)], ids=lambda t: t.key)
+def test_attacks_run_on_cuda(digits_model, threat: LpBall) -> None:
+    model, x, y = digits_model
+    gpu = model.to("cuda")
+    try:
+        for attack in (FGSM(), BIM(), PGD(steps=10, restarts=2)):
+            res = attack(gpu, x, y, threat=threat)  # CPU inputs are moved to the model's device
+            assert res.x_adv.device.type == "cuda"
+            assert bool(threat.contains(res.x_adv, x.cuda()).all())
+    finally:
+        model.to("cpu")

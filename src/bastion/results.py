@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 Status = Literal["robust", "falsified", "unknown"]
 STATUSES: tuple[str, ...] = ("robust", "falsified", "unknown")
 LossName = Literal["ce", "dlr", "cw"]
+LOSSES: tuple[str, ...] = ("ce", "dlr", "cw")
+
+
+def check_loss_name(loss: object) -> LossName:
+    """``loss`` if it names one of the attack losses, else an InputError listing them."""
+    if loss not in LOSSES:
+        raise InputError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+    return loss  # type: ignore[return-value]
 
 
 @dataclass
@@ -192,4 +200,4 @@ class Criterion:
             if self.targets is None:
                 return dlr_loss(logits, self.labels)
             return dlr_targeted_loss(logits, self.labels, self.targets)
-        raise InputError(f"unknown loss {kind!r}; choose 'ce', 'dlr' or 'cw'")
+        raise InputError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {kind!r}")

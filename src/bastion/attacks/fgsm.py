@@ -13,7 +13,7 @@ import torch
 
 from bastion.attacks.base import Attack, CountingModel
 from bastion.errors import InputError
-from bastion.results import Criterion, LossName
+from bastion.results import Criterion, LossName, check_loss_name
 from bastion.threat import LpBall, ThreatModel
 
 
@@ -32,11 +32,9 @@ class FGSM(Attack):
     paper = "Goodfellow, Shlens & Szegedy, Explaining and Harnessing Adversarial Examples, ICLR 2015"
 
     def __init__(self, *, loss: LossName = "ce", rel_stepsize: float = 1.0) -> None:
-        if loss not in ("ce", "dlr", "cw"):
-            raise InputError(f"loss must be 'ce', 'dlr' or 'cw', got {loss!r}")
         if not rel_stepsize > 0:
             raise InputError(f"rel_stepsize must be > 0, got {rel_stepsize!r}")
-        self.loss: LossName = loss
+        self.loss: LossName = check_loss_name(loss)
         self.rel_stepsize = float(rel_stepsize)
 
     def run(

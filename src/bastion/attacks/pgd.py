@@ -18,7 +18,7 @@ import torch
 
 from bastion.attacks.base import Attack, CountingModel, positive_int
 from bastion.errors import InputError
-from bastion.results import Criterion, LossName
+from bastion.results import Criterion, LossName, check_loss_name
 from bastion.threat import LpBall, ThreatModel
 
 #: Step-size schedules: multiplier of the base step at progress ``t = i / steps`` in [0, 1).
@@ -71,8 +71,6 @@ class PGD(Attack):
             raise InputError(f"rel_stepsize must be > 0, got {rel_stepsize!r}")
         if abs_stepsize is not None and not abs_stepsize > 0:
             raise InputError(f"abs_stepsize must be > 0, got {abs_stepsize!r}")
-        if loss not in ("ce", "dlr", "cw"):
-            raise InputError(f"loss must be 'ce', 'dlr' or 'cw', got {loss!r}")
         if schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.steps = positive_int("steps", steps)
@@ -80,7 +78,7 @@ class PGD(Attack):
         self.abs_stepsize = None if abs_stepsize is None else float(abs_stepsize)
         self.random_start = bool(random_start)
         self.restarts = positive_int("restarts", restarts)
-        self.loss: LossName = loss
+        self.loss: LossName = check_loss_name(loss)
         self.schedule = schedule
         self.early_stop = bool(early_stop)
 
@@ -165,11 +163,8 @@ class PGD(Attack):
                 first_hit = first_hit | hit
             x_adv = threat.project(threat.step(x_adv, grad, alpha * m), x0)
 
-        if self.restarts == 1:
-            # nothing to compare with: hand over the last iterate (or an adversarial one kept from earlier) and
-            # let the base class's re-verification decide, saving a forward pass
-            if first_hit is not None and kept is not None:
-                x_adv = torch.where(first_hit.view((-1,) + (1,) * (x0.dim() - 1)), kept, x_adv)
+        if self.restarts == 1 and first_hit is None:
+            # nothing left to compare with: the base class re-verifies the last iterate (saves a forward pass)
             best[idx] = x_adv
             return
         logits = model(x_adv)

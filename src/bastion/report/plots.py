@@ -43,11 +43,13 @@ def plot_robust_accuracy(result: EvaluationResult, path: str | Path, *, title: s
     for ax, norm in zip(axes[0], norms):
         points = sorted(by_norm[norm])
         eps = [0.0] + [e for e, _ in points]
-        for attack in result.attacks:
+        # after the last attack of the cascade the curve is the worst case, drawn once in black
+        for attack in result.attacks[:-1]:
             acc = [result.clean_accuracy] + [result.robust_accuracy[k][attack] for _, k in points]
             ax.plot(eps, [100 * a for a in acc], marker="o", label=f"after {attack}")
         worst = [result.clean_accuracy] + [result.worst_case[k] for _, k in points]
-        ax.plot(eps, [100 * a for a in worst], marker="s", color="black", linewidth=2, label="worst case")
+        cascade = " → ".join(result.attacks)
+        ax.plot(eps, [100 * a for a in worst], marker="s", color="black", linewidth=2, label=f"worst case ({cascade})")
         ax.set_xlabel(f"eps ({norm})")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bastion.errors import InputError
-
-if TYPE_CHECKING:
-    pass
 
 Status = Literal["robust", "falsified", "unknown"]
 STATUSES: tuple[str, ...] = ("robust", "falsified", "unknown")

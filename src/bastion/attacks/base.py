@@ -140,9 +140,15 @@ class Attack(ABC):
             criterion = Criterion(y_t, t_t)
             todo = ~criterion.is_adversarial(clean_logits)  # already-adversarial samples need no attack
             x_adv = x_t.clone()
+            queries = None
             if bool(todo.any()):
                 idx = todo.nonzero().squeeze(1)
-                x_adv[idx] = self.run(counted, x_t[idx], criterion.subset(idx), threat, generator).to(x_t.dtype)
+                out = self.run(counted, x_t[idx], criterion.subset(idx), threat, generator)
+                if isinstance(out, tuple):  # query-counted attacks also report queries per sample
+                    out, q = out
+                    queries = torch.ones(x_t.shape[0], dtype=torch.long, device=device)  # the clean query
+                    queries[idx] += q.to(device=device, dtype=torch.long)
+                x_adv[idx] = out.to(x_t.dtype)
             x_adv = threat.clip(x_adv) if self.minimal else threat.project(x_adv, x_t)
             adv_logits = counted(x_adv)
         success = criterion.is_adversarial(adv_logits)
@@ -157,6 +163,7 @@ class Attack(ABC):
             adv_pred=adv_logits.argmax(dim=1),
             model_calls=counted.forwards,
             grad_calls=counted.gradients,
+            queries=queries,
             seconds=time.perf_counter() - start,
             attack=repr(self),
         )
@@ -169,11 +176,13 @@ class Attack(ABC):
         criterion: Criterion,
         threat: ThreatModel,
         generator: torch.Generator | None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return candidate adversarial inputs for ``x`` (none of which meets ``criterion`` yet).
 
-        Only samples that need attacking are passed. The base class projects the output onto the threat set and
-        re-verifies success, so ``run`` may return points that fail.
+        Only samples that need attacking are passed. The base class projects the output onto the threat set (or,
+        for minimal-distortion attacks, clips it to the domain) and re-verifies success, so ``run`` may return
+        points that fail. Query-counted (black-box) attacks return ``(x_adv, queries)`` with the number of model
+        queries spent on each sample (N,); the result's ``queries`` then adds the clean query of each sample.
         """
 
     # ----------------------------------------------------------------------------------------------- helpers

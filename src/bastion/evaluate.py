@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from bastion.attacks.base import Attack
 from bastion.data import Dataset
 from bastion.errors import InputError
+from bastion.masking import Finding, posthoc, preflight, unbounded_check
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
 from bastion.results import SampleRecord
 from bastion.store import Store, run_key
@@ -67,6 +68,7 @@ class EvaluationResult:
     records: list[SampleRecord] = field(repr=False, default_factory=list)
     run_id: int | None = None
     seconds: float = 0.0
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the per-sample records)."""
@@ -79,6 +81,7 @@ class EvaluationResult:
             "worst_case": self.worst_case,
             "run_id": self.run_id,
             "seconds": self.seconds,
+            "warnings": [{"code": c, "message": m} for c, m in self.warnings],
         }
 
     def table(self) -> str:
@@ -91,7 +94,9 @@ class EvaluationResult:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines) + f"\n(n = {self.n}; robust accuracy after each attack of the cascade)"
+        lines.append(f"(n = {self.n}; robust accuracy after each attack of the cascade)")
+        lines.extend(f"warning [{code}]: {message}" for code, message in self.warnings)
+        return "\n".join(lines)
 
 
 def _pct(v: float) -> str:
@@ -162,6 +167,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    checks: bool = True,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under each threat model with a cascade of attacks.
 
@@ -176,6 +182,10 @@ def evaluate(
         seed: seed of the attacks' random numbers; each batch derives its own from it and its first sample index.
         progress: show a tqdm progress bar.
         config: extra JSON-able information stored with the run (e.g. the CLI's model and data specs).
+        checks: run the gradient-masking checks of :mod:`bastion.masking` before (randomness, softmax outputs,
+            zero gradients, on up to 64 samples) and after (robust accuracy flat in eps, black-box beating
+            white-box, an unbounded radius not reaching 0 % on up to 32 samples); findings are warned, stored
+            with the run and listed in the result.
 
     Returns:
         An :class:`EvaluationResult` with clean accuracy, robust accuracy per threat and attack, the worst case
@@ -234,6 +244,10 @@ def evaluate(
         todo = torch.tensor([i for i in range(n) if i not in done], dtype=torch.long)
         records: list[SampleRecord] = []
         device = model_device(model)
+        findings: list[Finding] = []
+        if checks:
+            probe = data.subset(slice(0, 64))
+            findings += preflight(model, probe.x.to(device), probe.y.to(device))
         bar = tqdm(total=n, initial=n - len(todo), desc="evaluate", unit="sample", disable=not progress, leave=False)
         with eval_mode(model):
             for idx, xb, yb in data.batches(batch_size, indices=todo):
@@ -251,6 +265,16 @@ def evaluate(
         if db is not None and run_id is not None:
             records = db.records(run_id)
         result = summarize(records, keys, names, n)
+        if checks:
+            findings += posthoc(result, attack_list, threat_list)
+            probe = data.subset(slice(0, 32))
+            for family in _families(threat_list):
+                findings += unbounded_check(model, probe.x.to(device), probe.y.to(device), family[-1])
+        for finding in findings:
+            finding.warn()
+            if db is not None and run_id is not None:
+                db.add_warning(run_id, finding.code, finding.message)
+        result.warnings = [(f.code, f.message) for f in findings]
         result.run_id = run_id
         result.seconds = time.perf_counter() - t_start
         if db is not None and run_id is not None:

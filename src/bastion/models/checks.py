@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from bastion.errors import BastionWarning, ModelError
 
-__all__ = ["check_logits", "eval_mode", "model_device", "model_fingerprint"]
+__all__ = ["check_logits", "eval_mode", "looks_like_probabilities", "model_device", "model_fingerprint"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -98,18 +98,22 @@ def check_logits(logits: object, n: int, *, where: str = "model output") -> int:
             f"{where}: {bad} of {n} rows contain NaN or Inf; expected finite logits from {expected} "
             "(check the model weights and that inputs are in the input domain)"
         )
-    if n > 0 and bool((values >= 0).all()):
-        sums = values.to(torch.float64).sum(dim=1)
-        if bool(((sums - 1.0).abs() <= _PROB_TOL).all()):
-            warnings.warn(
-                f"{where}: every row is non-negative and sums to 1, so the model seems to return "
-                "probabilities (a final softmax). Gradient-based attacks are weakened by saturated softmax "
-                "outputs and can overestimate robustness; remove the final softmax so that the model returns "
-                "logits.",
-                BastionWarning,
-                stacklevel=2,
-            )
+    if n > 0 and looks_like_probabilities(values):
+        warnings.warn(
+            f"{where}: every row is non-negative and sums to 1, so the model seems to return "
+            "probabilities (a final softmax). Gradient-based attacks are weakened by saturated softmax "
+            "outputs and can overestimate robustness; remove the final softmax so that the model returns "
+            "logits.",
+            BastionWarning,
+            stacklevel=2,
+        )
     return int(shape[1])
+
+
+def looks_like_probabilities(logits: Tensor) -> bool:
+    """True when every row is non-negative and sums to 1: the model returns probabilities, not logits."""
+    values = logits.detach()
+    return bool((values >= 0).all()) and bool(((values.to(torch.float64).sum(dim=1) - 1.0).abs() <= _PROB_TOL).all())
 
 
 def model_fingerprint(model: nn.Module) -> str:

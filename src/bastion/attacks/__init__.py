@@ -9,11 +9,12 @@ from typing import Any
 
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
 from bastion.attacks.fgsm import FGM, FGSM
+from bastion.attacks.jsma import JSMA
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.wrappers import BPDA, EOT
 from bastion.errors import InputError
 
-__all__ = ["ATTACKS", "BIM", "BPDA", "EOT", "FGM", "FGSM", "PGD", "Attack", "CountingModel", "make_attack"]
+__all__ = ["ATTACKS", "BIM", "BPDA", "EOT", "FGM", "FGSM", "JSMA", "PGD", "Attack", "CountingModel", "make_attack"]
 
 
 def make_attack(name: str, **options: Any) -> Attack:

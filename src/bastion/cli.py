@@ -24,7 +24,8 @@ examples:
   bastion evaluate --model zoo:cnn@digits-cnn.pt --data digits --eps 0.1,0.2,0.3 --attack fgsm,pgd
   bastion evaluate --model model.pt2 --data mnist:~/data/mnist --norm l2 --eps 1,2 --attack pgd \\
       --attack-opt steps=100 --attack-opt restarts=5 --store runs.db
-  bastion evaluate --model mypkg.models:robust_net --data test.npz --eps 8/255 --attack pgd --json
+  bastion evaluate --model mypkg.models:robust_net --data test.npz --eps 8/255 --attack standard --json
+  bastion evaluate --model model.pt2 --data cifar10:~/data --eps 8/255 --attack rapid --attack-opt apgd.steps=50
 
 model specs: FILE.pt2 (torch.export program), zoo:NAME@WEIGHTS.pt (zoo architecture + state dict, loaded with
   weights_only=True), WEIGHTS.pt (a file written by bastion's save_model), package.module:factory or
@@ -124,25 +125,37 @@ def _parse_opts(items: Sequence[str]) -> list[tuple[str | None, str, Any]]:
     return out
 
 
-def _build_attacks(names: str, opts: Sequence[tuple[str | None, str, Any]]) -> list[Any]:
+def _build_attacks(names: str, opts: Sequence[tuple[str | None, str, Any]], norm: str) -> list[Any]:
+    """Attack objects for a comma-separated list of attack and preset names, with ``--attack-opt`` applied."""
     import inspect
 
     from bastion.attacks import ATTACKS, make_attack
+    from bastion.attacks.presets import PRESETS
+    from bastion.threat import canonical_norm
 
-    attack_names = [n.strip().lower() for n in names.split(",") if n.strip()]
-    per_attack: dict[str, dict[str, Any]] = {n: {} for n in attack_names}
+    norm = canonical_norm(norm)
+    plan: list[tuple[str, dict[str, Any]]] = []  # (attack name, options) in cascade order
+    for token in (n.strip().lower() for n in names.split(",") if n.strip()):
+        if token in PRESETS:
+            plan += [(n, dict(o)) for n, o in PRESETS[token] if n in ATTACKS and norm in ATTACKS[n].norms]
+        else:
+            plan.append((token, {}))
+    attack_names = [n for n, _ in plan]
     for target, key, value in opts:
         if target is not None:
-            if target not in per_attack:
+            if target not in attack_names:
                 raise BastionError(f"--attack-opt {target}.{key}: {target!r} is not among the attacks {attack_names}")
-            per_attack[target][key] = value
+            for n, o in plan:
+                if n == target:
+                    o[key] = value
             continue
         takers = [n for n in attack_names if n in ATTACKS and key in inspect.signature(ATTACKS[n].__init__).parameters]
         if not takers:
             raise BastionError(f"--attack-opt {key}: none of the attacks {attack_names} accepts option {key!r}")
-        for n in takers:
-            per_attack[n][key] = value
-    return [make_attack(n, **per_attack[n]) for n in attack_names]
+        for n, o in plan:
+            if n in takers:
+                o[key] = value
+    return [make_attack(n, **o) for n, o in plan]
 
 
 def _print_result(result: Any, as_json: bool) -> None:
@@ -168,7 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if device is not None:
         model = model.to(device)
     threats = [LpBall(args.norm, e) for e in args.eps]
-    attacks = _build_attacks(args.attack, _parse_opts(args.attack_opt))
+    attacks = _build_attacks(args.attack, _parse_opts(args.attack_opt), args.norm)
     result = evaluate(
         model, data, threats, attacks, batch_size=args.batch_size, store=args.store, seed=args.seed,
         progress=not args.json, config={"model_spec": args.model, "data_spec": args.data},
@@ -333,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data spec (see below)")
     p.add_argument("--norm", default="linf", help="linf, l2 or l1 (default: %(default)s)")
     p.add_argument("--eps", type=_parse_eps, required=True, help="radii, comma-separated, e.g. 0.1,0.2 or 8/255")
-    p.add_argument("--attack", default="pgd", help="attack or cascade, comma-separated (see `bastion attacks`)")
+    p.add_argument(
+        "--attack",
+        default="pgd",
+        help="attack or cascade, comma-separated (see `bastion attacks`); presets: standard (APGD-CE, APGD-T, "
+        "FAB-T, Square), rapid (APGD-CE, APGD-T)",
+    )
     p.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="attack hyperparameter, repeatable; ATTACK.KEY=VALUE for one attack only")  # fmt: skip
     p.add_argument("--store", default=None, help="SQLite store: results are written per batch and the run resumes")

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bastion.attacks.base import Attack
+from bastion.attacks.presets import preset
 from bastion.data import Dataset
 from bastion.errors import InputError
 from bastion.masking import Finding, posthoc, preflight, unbounded_check
@@ -160,7 +161,7 @@ def evaluate(
     model: nn.Module,
     data: Dataset | tuple[torch.Tensor, torch.Tensor],
     threats: ThreatModel | Sequence[ThreatModel],
-    attacks: Attack | Sequence[Attack],
+    attacks: Attack | Sequence[Attack] | str,
     *,
     batch_size: int = 256,
     store: Store | str | Path | None = None,
@@ -175,7 +176,9 @@ def evaluate(
         model: classifier returning logits (N, K); put in eval mode during the evaluation and restored after.
         data: a :class:`~bastion.data.Dataset` or a pair ``(x, y)`` of tensors.
         threats: one threat model or several (e.g. ``[LpBall("linf", e) for e in (0.1, 0.2, 0.3)]``).
-        attacks: one attack or a cascade, run in order on the samples every earlier attack failed on.
+        attacks: one attack or a cascade, run in order on the samples every earlier attack failed on, or the
+            name of a preset of :mod:`bastion.attacks.presets` (``"standard"``: AutoAttack's APGD-CE → APGD-T →
+            FAB-T → Square; ``"rapid"``: APGD-CE → APGD-T).
         batch_size: samples per batch (and per store transaction).
         store: a :class:`~bastion.store.Store` or a path to one; records are written batch by batch and an
             interrupted evaluation resumes where it stopped.
@@ -205,6 +208,8 @@ def evaluate(
     if not isinstance(data, Dataset):
         raise InputError(f"data must be a bastion Dataset or a pair (x, y), got {type(data).__name__}")
     threat_list: list[ThreatModel] = _as_list(threats, ThreatModel, "threats")
+    if isinstance(attacks, str):
+        attacks = preset(attacks, sorted({t.norm for t in threat_list if isinstance(t, LpBall)}))
     attack_list: list[Attack] = _as_list(attacks, Attack, "attacks")
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size!r}")

@@ -10,11 +10,26 @@ from typing import Any
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
 from bastion.attacks.fgsm import FGM, FGSM
 from bastion.attacks.jsma import JSMA
+from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.wrappers import BPDA, EOT
 from bastion.errors import InputError
 
-__all__ = ["ATTACKS", "BIM", "BPDA", "EOT", "FGM", "FGSM", "JSMA", "PGD", "Attack", "CountingModel", "make_attack"]
+__all__ = [
+    "ATTACKS",
+    "BIM",
+    "BPDA",
+    "EOT",
+    "FGM",
+    "FGSM",
+    "JSMA",
+    "PGD",
+    "AdversarialPatch",
+    "Attack",
+    "CountingModel",
+    "PatchResult",
+    "make_attack",
+]
 
 
 def make_attack(name: str, **options: Any) -> Attack:

@@ -8,6 +8,7 @@ import typing
 from typing import Any
 
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
+from bastion.attacks.fab import FAB, FABT
 from bastion.attacks.fgsm import FGM, FGSM
 from bastion.attacks.jsma import JSMA
 from bastion.attacks.patch import AdversarialPatch, PatchResult
@@ -17,16 +18,18 @@ from bastion.errors import InputError
 
 __all__ = [
     "ATTACKS",
+    "AdversarialPatch",
+    "Attack",
     "BIM",
     "BPDA",
+    "CountingModel",
     "EOT",
+    "FAB",
+    "FABT",
     "FGM",
     "FGSM",
     "JSMA",
     "PGD",
-    "AdversarialPatch",
-    "Attack",
-    "CountingModel",
     "PatchResult",
     "make_attack",
 ]

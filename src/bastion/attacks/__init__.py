@@ -18,11 +18,8 @@ from bastion.errors import InputError
 
 __all__ = [
     "ATTACKS",
-    "AdversarialPatch",
-    "Attack",
     "BIM",
     "BPDA",
-    "CountingModel",
     "EOT",
     "FAB",
     "FABT",
@@ -30,6 +27,9 @@ __all__ = [
     "FGSM",
     "JSMA",
     "PGD",
+    "AdversarialPatch",
+    "Attack",
+    "CountingModel",
     "PatchResult",
     "make_attack",
 ]

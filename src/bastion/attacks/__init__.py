@@ -7,6 +7,7 @@ import types
 import typing
 from typing import Any
 
+from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
 from bastion.attacks.fab import FAB, FABT
 from bastion.attacks.fgsm import FGM, FGSM
@@ -17,6 +18,8 @@ from bastion.attacks.wrappers import BPDA, EOT
 from bastion.errors import InputError
 
 __all__ = [
+    "APGD",
+    "APGDT",
     "ATTACKS",
     "BIM",
     "BPDA",

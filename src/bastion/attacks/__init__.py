@@ -9,9 +9,11 @@ from typing import Any
 
 from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
+from bastion.attacks.ead import EAD
 from bastion.attacks.fab import FAB, FABT
 from bastion.attacks.fgsm import FGM, FGSM
 from bastion.attacks.jsma import JSMA
+from bastion.attacks.lbfgs import LBFGS
 from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.wrappers import BPDA, EOT
@@ -23,12 +25,14 @@ __all__ = [
     "ATTACKS",
     "BIM",
     "BPDA",
+    "EAD",
     "EOT",
     "FAB",
     "FABT",
     "FGM",
     "FGSM",
     "JSMA",
+    "LBFGS",
     "PGD",
     "AdversarialPatch",
     "Attack",

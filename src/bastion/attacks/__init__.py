@@ -16,6 +16,7 @@ from bastion.attacks.jsma import JSMA
 from bastion.attacks.lbfgs import LBFGS
 from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
+from bastion.attacks.square import Square
 from bastion.attacks.wrappers import BPDA, EOT
 from bastion.errors import InputError
 
@@ -38,6 +39,7 @@ __all__ = [
     "Attack",
     "CountingModel",
     "PatchResult",
+    "Square",
     "make_attack",
 ]
 

@@ -119,6 +119,7 @@ class Attack(ABC):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         device = model_device(model)
         x_t, y_t, _ = validate_arrays(x, y, domain=threat.domain, source="x/y given to the attack")
+        self.check_inputs(x_t)
         if torch.is_tensor(x) and x.is_floating_point():
             x_t = x.detach()  # validated; keep the caller's precision (float64 stays float64)
         x_t, y_t = x_t.to(device), y_t.to(device)
@@ -186,6 +187,10 @@ class Attack(ABC):
         """
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def check_inputs(self, x: torch.Tensor) -> None:
+        """Attack-specific checks of the (already validated) inputs, before any work; raise InputError to refuse."""
+        return None  # most attacks accept any input shape
+
     def _check_threat(self, threat: ThreatModel) -> None:
         if not isinstance(threat, ThreatModel):
             raise InputError(f"threat must be a ThreatModel such as LpBall('linf', 0.3), got {threat!r}")

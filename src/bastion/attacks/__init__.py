@@ -9,6 +9,8 @@ from typing import Any
 
 from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
+from bastion.attacks.cw import CarliniWagnerL2
+from bastion.attacks.deepfool import DeepFool
 from bastion.attacks.ead import EAD
 from bastion.attacks.fab import FAB, FABT
 from bastion.attacks.fgsm import FGM, FGSM
@@ -37,7 +39,9 @@ __all__ = [
     "PGD",
     "AdversarialPatch",
     "Attack",
+    "CarliniWagnerL2",
     "CountingModel",
+    "DeepFool",
     "PatchResult",
     "Square",
     "make_attack",

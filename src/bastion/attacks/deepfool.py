@@ -22,7 +22,7 @@ from bastion.results import AttackResult, Criterion
 from bastion.threat import LpBall, ThreatModel, lp_norm
 
 #: The dual norm q of each supported threat norm p (1/p + 1/q = 1): the norm the boundary distance divides by.
-_DUAL = {"l2": "l2", "linf": "l2"}
+_DUAL = {"l2": "l2", "linf": "l1"}
 
 
 class DeepFool(Attack):

@@ -430,3 +430,11 @@ def test_demo_trains_caches_and_evaluates(
     assert rc == 0, err
     check_demo(out_dir, out)
     assert (bastion_cache / "digits-cnn.pt").is_file()
+
+
+def test_preset_cascade_with_per_attack_options(capsys: pytest.CaptureFixture[str], digits_mlp_path: Path) -> None:
+    argv = ["evaluate", "--model", str(digits_mlp_path), "--data", "digits", "--limit", "16", "--eps", "0.1"]
+    opts = ["--attack-opt", "apgd.steps=5", "--attack-opt", "apgd-t.steps=5", "--attack-opt", "n_target_classes=2"]
+    rc, out, err = run_cli(capsys, *argv, "--attack", "rapid", *opts, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["attacks"] == ["apgd", "apgd-t"]

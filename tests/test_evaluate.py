@@ -164,3 +164,37 @@ def test_bad_arguments_are_named(setup) -> None:
         evaluate(model, data, LpBall("l0", 3), FGSM(), progress=False)
     with pytest.raises(InputError, match="batch_size"):
         evaluate(model, data, LpBall("linf", 0.1), FGSM(), batch_size=0, progress=False)
+
+
+def test_presets_build_autoattacks_cascade(setup) -> None:
+    from bastion.attacks.presets import preset
+
+    names = [a.name for a in preset("standard", ["linf"])]
+    assert names == ["apgd", "apgd-t", "fab-t", "square"]
+    assert [a.name for a in preset("standard", ["l1"])] == ["apgd", "apgd-t", "fab-t"]  # Square has no l1 version
+    assert [a.name for a in preset("rapid", ["l2"])] == ["apgd", "apgd-t"]
+    with pytest.raises(InputError, match="unknown attack preset"):
+        preset("strongest", ["linf"])
+    with pytest.raises(InputError, match="not in the"):
+        preset("rapid", ["linf"], overrides={"square": {"queries": 10}})
+
+
+def test_standard_cascade_runs_and_is_at_least_as_strong_as_rapid(setup) -> None:
+    from bastion.attacks.presets import preset
+
+    model, data = setup
+    small = data.subset(slice(0, 40))
+    threats = [LpBall("linf", e) for e in (0.05, 0.1)]
+    quick = {"apgd": {"steps": 20}, "apgd-t": {"steps": 20, "n_target_classes": 3}}
+    rapid = evaluate(model, small, threats, preset("rapid", ["linf"], quick), progress=False, checks=False)
+    standard = evaluate(
+        model, small, threats,
+        preset("standard", ["linf"], {**quick, "fab-t": {"steps": 20, "n_target_classes": 3},
+                                      "square": {"queries": 200}}),
+        progress=False, checks=False,
+    )  # fmt: skip
+    assert standard.attacks == ["apgd", "apgd-t", "fab-t", "square"]
+    for t in threats:
+        # the first two attacks are the same objects with the same seeds: identical columns, then more attacks
+        assert standard.robust_accuracy[t.key]["apgd-t"] == rapid.worst_case[t.key]
+        assert standard.worst_case[t.key] <= rapid.worst_case[t.key]

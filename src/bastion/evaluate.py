@@ -333,10 +333,12 @@ def _evaluate_batch(
                     continue
                 if attack.minimal:
                     if i not in minimal_cache:
-                        everyone = correct.nonzero().squeeze(1)
-                        res = attack(model, x[everyone], y[everyone], threat=threat, seed=seed)
+                        # first reached at the family's smallest radius: the points open there include every point
+                        # open at the larger radii (a point broken at a smaller radius stays broken), so one run
+                        # gives the distances for the whole family
+                        res = attack(model, x[run], y[run], threat=threat, seed=seed)
                         d = torch.full((n,), math.inf, device=x.device)
-                        d[everyone] = res.distance.to(d.dtype)
+                        d[run] = res.distance.to(d.dtype)
                         minimal_cache[i] = d
                     d_run = minimal_cache[i][run]
                     eps = threat.eps if isinstance(threat, LpBall) else math.inf

@@ -257,3 +257,44 @@ def test_attacks_run_on_cuda(digits_model, threat: LpBall) -> None:
             assert bool(threat.contains(res.x_adv, x.cuda()).all())
     finally:
         model.to("cpu")
+
+
+# ------------------------------------------------------------------------------------------- every registered attack
+# Quick settings and a threat per registered attack: a new attack must be added here to be registered at all.
+REGISTRY_TABLE: dict[str, tuple[dict, LpBall]] = {
+    "fgsm": ({}, LpBall("linf", 0.15)),
+    "bim": ({"steps": 10, "abs_stepsize": 0.02}, LpBall("linf", 0.15)),
+    "pgd": ({"steps": 10, "rel_stepsize": 0.2}, LpBall("l2", 1.5)),
+    "apgd": ({"steps": 10}, LpBall("l1", 6.0)),
+    "apgd-t": ({"steps": 10, "n_target_classes": 3}, LpBall("linf", 0.15)),
+    "square": ({"queries": 100}, LpBall("linf", 0.15)),
+    "jsma": ({}, LpBall("l0", 10)),
+    "deepfool": ({"steps": 20}, LpBall("l2", float("inf"))),
+    "cw-l2": ({"binary_search_steps": 3, "steps": 50, "lr": 0.1, "initial_const": 1.0}, LpBall("l2", float("inf"))),
+    "ead": ({"binary_search_steps": 3, "steps": 50, "lr": 0.1, "initial_const": 1.0}, LpBall("l1", float("inf"))),
+    "lbfgs": ({"binary_search_steps": 3, "max_iter": 20}, LpBall("l2", float("inf"))),
+    "fab": ({"steps": 20}, LpBall("linf", float("inf"))),
+    "fab-t": ({"steps": 20, "n_target_classes": 2}, LpBall("l1", float("inf"))),
+}
+
+
+def test_every_registered_attack_is_in_the_table() -> None:
+    assert set(ATTACKS) == set(REGISTRY_TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY_TABLE))
+def test_every_registered_attack_honours_the_contract(digits_model, name: str) -> None:
+    model, x, y = digits_model
+    x, y = x[:24], y[:24]
+    options, threat = REGISTRY_TABLE[name]
+    attack = make_attack(name, **options)
+    res = attack(model, x, y, threat=threat)
+    with torch.no_grad():
+        pred = model(res.x_adv).argmax(dim=1)
+    torch.testing.assert_close(res.success, pred != y)  # success re-verified by prediction
+    assert bool(threat.contains(res.x_adv, x).all())  # inside the threat set (the domain for minimal attacks)
+    assert bool(torch.isfinite(res.distance[res.success]).all())
+    torch.testing.assert_close(res.distance[res.success], threat.distance(res.x_adv, x)[res.success])
+    assert res.success_rate > 0.5  # every attack breaks most of this undefended model at these radii
+    if attack.access != "white-box":
+        assert res.grad_calls == 0 and res.queries is not None

@@ -64,3 +64,21 @@ def bastion_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "bastion-cache"
     monkeypatch.setenv("BASTION_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def digits_mlp64() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A zoo ``mlp`` (one hidden layer of 64) trained on the 80 % digits split, with the 360 held-out images.
+
+    Shared by the attack tests, which only read it (trained once per session; the global RNG is left untouched).
+    """
+    from bastion.data import load_digits
+    from bastion.defenses.training import train
+    from bastion.models import build_model
+
+    train_set, test_set = load_digits().train_test_split(test_fraction=0.2, seed=0)
+    with torch.random.fork_rng(), torch_threads(1):
+        torch.manual_seed(0)
+        model = build_model("mlp", train_set.feature_shape, 10, hidden=(64,))
+        train(model, train_set, epochs=12, lr=3e-3, seed=0, progress=False)
+    return model, test_set.x, test_set.y

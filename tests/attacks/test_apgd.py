@@ -11,23 +11,17 @@ from torch import nn
 
 from bastion.attacks import ATTACKS, PGD, Attack, make_attack
 from bastion.attacks.apgd import APGD, APGDT, apgd_checkpoints
-from bastion.data import load_digits
-from bastion.defenses.training import train
 from bastion.errors import InputError
-from bastion.models import build_model
 from bastion.threat import LpBall
 
 
 @pytest.fixture(scope="module")
-def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small MLP trained on digits (10 classes), and 128 held-out test images it mostly classifies correctly."""
-    train_set, test_set = load_digits().train_test_split(test_fraction=0.2, seed=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_model("mlp", train_set.feature_shape, 10, hidden=(64,))
-        train(model, train_set, epochs=12, lr=3e-3, seed=0, progress=False)
-    sub = test_set.subset(slice(0, 128))
-    return model, sub.x, sub.y
+def digits_model(
+    digits_mlp64: tuple[nn.Module, torch.Tensor, torch.Tensor],
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The shared digits MLP (tests/conftest.py) and its first 128 held-out test images."""
+    model, x, y = digits_mlp64
+    return model, x[:128], y[:128]
 
 
 THREATS = [LpBall("linf", 0.1), LpBall("l2", 1.0), LpBall("l1", 4.0)]

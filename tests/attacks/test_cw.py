@@ -11,10 +11,7 @@ from torch import nn
 from bastion.attacks import ATTACKS
 from bastion.attacks.cw import CarliniWagnerL2
 from bastion.attacks.deepfool import DeepFool
-from bastion.data import load_digits
-from bastion.defenses.training import train
 from bastion.errors import InputError
-from bastion.models import build_model
 from bastion.results import AttackResult
 from bastion.threat import LpBall, lp_norm
 
@@ -25,14 +22,12 @@ FAST = {"binary_search_steps": 5, "steps": 200, "lr": 0.1, "initial_const": 1.0}
 
 
 @pytest.fixture(scope="module")
-def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small MLP trained on digits, and 48 held-out test images it mostly classifies correctly."""
-    train_set, test_set = load_digits().train_test_split(test_fraction=0.2, seed=0)
-    torch.manual_seed(0)
-    model = build_model("mlp", train_set.feature_shape, 10, hidden=(64,))
-    train(model, train_set, epochs=12, lr=3e-3, seed=0, progress=False)
-    sub = test_set.subset(slice(0, 48))
-    return model, sub.x, sub.y
+def digits_model(
+    digits_mlp64: tuple[nn.Module, torch.Tensor, torch.Tensor],
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The shared digits MLP (tests/conftest.py) and its first 48 held-out test images."""
+    model, x, y = digits_mlp64
+    return model, x[:48], y[:48]
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,7 @@ from torch import nn
 
 from bastion.attacks import ATTACKS, PGD
 from bastion.attacks.ead import EAD, shrinkage, update_consts
-from bastion.data import load_digits
-from bastion.defenses.training import train
 from bastion.errors import InputError
-from bastion.models import build_model
 from bastion.threat import LpBall
 
 L1 = LpBall("l1", math.inf)
@@ -21,14 +18,12 @@ FAST = {"steps": 100, "binary_search_steps": 5}  # enough on the digits MLP; the
 
 
 @pytest.fixture(scope="module")
-def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small MLP trained on digits, and 128 held-out test images it mostly classifies correctly."""
-    train_set, test_set = load_digits().train_test_split(test_fraction=0.2, seed=0)
-    torch.manual_seed(0)
-    model = build_model("mlp", train_set.feature_shape, 10, hidden=(64,))
-    train(model, train_set, epochs=12, lr=3e-3, seed=0, progress=False)
-    sub = test_set.subset(slice(0, 128))
-    return model, sub.x, sub.y
+def digits_model(
+    digits_mlp64: tuple[nn.Module, torch.Tensor, torch.Tensor],
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The shared digits MLP (tests/conftest.py) and its first 128 held-out test images."""
+    model, x, y = digits_mlp64
+    return model, x[:128], y[:128]
 
 
 def _changed(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

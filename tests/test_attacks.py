@@ -271,6 +271,8 @@ REGISTRY_TABLE: dict[str, tuple[dict, LpBall]] = {
     "lbfgs": ({"binary_search_steps": 3, "max_iter": 20}, LpBall("l2", float("inf"))),
     "fab": ({"steps": 20}, LpBall("linf", float("inf"))),
     "fab-t": ({"steps": 20, "n_target_classes": 2}, LpBall("l1", float("inf"))),
+    "cw-linf": ({"steps": 50, "initial_const": 1e-2, "largest_const": 1.0}, LpBall("linf", float("inf"))),
+    "cw-l0": ({"steps": 30, "lr": 0.1, "initial_const": 1.0, "largest_const": 4.0}, LpBall("l0", float("inf"))),
 }
 
 

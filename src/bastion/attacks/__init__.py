@@ -9,7 +9,7 @@ from typing import Any
 
 from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
-from bastion.attacks.cw import CarliniWagnerL2
+from bastion.attacks.cw import CarliniWagnerL0, CarliniWagnerL2, CarliniWagnerLinf
 from bastion.attacks.deepfool import DeepFool
 from bastion.attacks.ead import EAD
 from bastion.attacks.fab import FAB, FABT
@@ -19,6 +19,7 @@ from bastion.attacks.lbfgs import LBFGS
 from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.square import Square
+from bastion.attacks.universal import UniversalPerturbation, UniversalResult
 from bastion.attacks.wrappers import BPDA, EOT
 from bastion.errors import InputError
 
@@ -39,11 +40,15 @@ __all__ = [
     "PGD",
     "AdversarialPatch",
     "Attack",
+    "CarliniWagnerL0",
     "CarliniWagnerL2",
+    "CarliniWagnerLinf",
     "CountingModel",
     "DeepFool",
     "PatchResult",
     "Square",
+    "UniversalPerturbation",
+    "UniversalResult",
     "make_attack",
 ]
 

@@ -14,6 +14,7 @@ and the targets come at call time::
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -67,6 +68,16 @@ def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """``value`` as a finite float > 0 (or >= 0), or an InputError naming the hyperparameter."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 class Attack(ABC):

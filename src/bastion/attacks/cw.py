@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from bastion.attacks.base import Attack, CountingModel, positive_int
+from bastion.attacks.base import Attack, CountingModel, positive_float, positive_int
 from bastion.errors import InputError
 from bastion.results import Criterion
 from bastion.threat import LpBall, ThreatModel
@@ -34,19 +34,9 @@ from bastion.threat import LpBall, ThreatModel
 _Closure = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None] | None"]
 
 
-def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """``value`` as a finite float > 0 (or >= 0), or an InputError naming the hyperparameter."""
-    bound = ">= 0" if allow_zero else "> 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
 def _fraction(name: str, value: object) -> float:
     """``value`` as a float in (0, 1), or an InputError naming the hyperparameter."""
-    v = _positive_float(name, value)
+    v = positive_float(name, value)
     if v >= 1.0:
         raise InputError(f"{name} must be in (0, 1), got {value!r}")
     return v
@@ -225,9 +215,9 @@ class CarliniWagnerL2(Attack):
     ) -> None:
         self.binary_search_steps = positive_int("binary_search_steps", binary_search_steps)
         self.steps = positive_int("steps", steps)
-        self.lr = _positive_float("lr", lr)
-        self.initial_const = _positive_float("initial_const", initial_const)
-        self.confidence = _positive_float("confidence", confidence, allow_zero=True)
+        self.lr = positive_float("lr", lr)
+        self.initial_const = positive_float("initial_const", initial_const)
+        self.confidence = positive_float("confidence", confidence, allow_zero=True)
         if not isinstance(abort_early, bool):
             raise InputError(f"abort_early must be True or False, got {abort_early!r}")
         self.abort_early = abort_early
@@ -329,15 +319,15 @@ class CarliniWagnerLinf(Attack):
         confidence: float = 0.0,
     ) -> None:
         self.steps = positive_int("steps", steps)
-        self.lr = _positive_float("lr", lr)
-        self.initial_const = _positive_float("initial_const", initial_const)
-        self.largest_const = _positive_float("largest_const", largest_const)
+        self.lr = positive_float("lr", lr)
+        self.initial_const = positive_float("initial_const", initial_const)
+        self.largest_const = positive_float("largest_const", largest_const)
         if self.largest_const < self.initial_const:
             raise InputError(f"largest_const must be >= initial_const ({self.initial_const}), got {largest_const!r}")
-        self.initial_tau = _positive_float("initial_tau", initial_tau)
+        self.initial_tau = positive_float("initial_tau", initial_tau)
         self.decrease_factor = _fraction("decrease_factor", decrease_factor)
-        self.min_tau = _positive_float("min_tau", min_tau)
-        self.confidence = _positive_float("confidence", confidence, allow_zero=True)
+        self.min_tau = positive_float("min_tau", min_tau)
+        self.confidence = positive_float("confidence", confidence, allow_zero=True)
 
     def run(
         self,
@@ -479,13 +469,13 @@ class CarliniWagnerL0(Attack):
         abort_early: bool = True,
     ) -> None:
         self.steps = positive_int("steps", steps)
-        self.lr = _positive_float("lr", lr)
-        self.initial_const = _positive_float("initial_const", initial_const)
-        self.largest_const = _positive_float("largest_const", largest_const)
+        self.lr = positive_float("lr", lr)
+        self.initial_const = positive_float("initial_const", initial_const)
+        self.largest_const = positive_float("largest_const", largest_const)
         if self.largest_const < self.initial_const:
             raise InputError(f"largest_const must be >= initial_const ({self.initial_const}), got {largest_const!r}")
-        self.threshold = _positive_float("threshold", threshold, allow_zero=True)
-        self.confidence = _positive_float("confidence", confidence, allow_zero=True)
+        self.threshold = positive_float("threshold", threshold, allow_zero=True)
+        self.confidence = positive_float("confidence", confidence, allow_zero=True)
         if not isinstance(abort_early, bool):
             raise InputError(f"abort_early must be True or False, got {abort_early!r}")
         self.abort_early = abort_early

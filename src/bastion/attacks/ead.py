@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from bastion.attacks.base import Attack, CountingModel, positive_int
+from bastion.attacks.base import Attack, CountingModel, positive_float, positive_int
 from bastion.errors import InputError
 from bastion.results import Criterion
 from bastion.threat import LpBall, ThreatModel
@@ -57,14 +57,6 @@ def update_consts(
     lower = torch.where(success, lower, torch.maximum(lower, const))
     const = torch.where(upper < _NO_UPPER * 0.1, (lower + upper) / 2, const * 10)
     return const, lower, upper
-
-
-def _finite(name: str, value: object, *, minimum: float, strict: bool) -> float:
-    """``value`` as a finite float above ``minimum`` (or at least it), else an InputError naming the hyperparameter."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        if value > minimum or (not strict and value == minimum):
-            return float(value)
-    raise InputError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
 class EAD(Attack):
@@ -118,12 +110,12 @@ class EAD(Attack):
         decision_rule: DecisionRule = "EN",
         abort_early: bool = True,
     ) -> None:
-        self.beta = _finite("beta", beta, minimum=0.0, strict=False)
+        self.beta = positive_float("beta", beta, allow_zero=True)
         self.binary_search_steps = positive_int("binary_search_steps", binary_search_steps)
         self.steps = positive_int("steps", steps)
-        self.lr = _finite("lr", lr, minimum=0.0, strict=True)
-        self.initial_const = _finite("initial_const", initial_const, minimum=0.0, strict=True)
-        self.confidence = _finite("confidence", confidence, minimum=0.0, strict=False)
+        self.lr = positive_float("lr", lr)
+        self.initial_const = positive_float("initial_const", initial_const)
+        self.confidence = positive_float("confidence", confidence, allow_zero=True)
         if decision_rule not in ("EN", "L1"):
             raise InputError(f"decision_rule must be 'EN' or 'L1', got {decision_rule!r}")
         self.decision_rule: DecisionRule = decision_rule

@@ -165,6 +165,27 @@ def _l2_round(
     return found
 
 
+#: "no successful constant yet" in the search over c (the reference implementation's convention)
+NO_UPPER = 1e10
+
+
+def update_consts(
+    const: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, success: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of Carlini & Wagner's per-sample search over the constant ``c`` of the loss term.
+
+    A sample that succeeded at ``c`` lowers its upper bound to ``c``; one that failed raises its lower bound. The
+    next ``c`` is the midpoint of the bounds, or ``10·c`` while no success has set an upper bound.
+
+    Returns:
+        The new ``(const, lower, upper)``.
+    """
+    upper = torch.where(success, torch.minimum(upper, const), upper)
+    lower = torch.where(success, lower, torch.maximum(lower, const))
+    const = torch.where(upper < NO_UPPER * 0.1, (lower + upper) / 2, const * 10)
+    return const, lower, upper
+
+
 class CarliniWagnerL2(Attack):
     """Carlini & Wagner's l2 attack (IEEE S&P 2017), targeted and untargeted.
 
@@ -235,12 +256,12 @@ class CarliniWagnerL2(Attack):
         w0 = _to_w(x, threat.domain[0], (threat.domain[1] - threat.domain[0]) / 2.0)
         const = torch.full((n,), self.initial_const, dtype=x.dtype, device=x.device)
         lower = torch.zeros_like(const)
-        upper = torch.full_like(const, math.inf)  # smallest successful constant so far
+        upper = torch.full_like(const, NO_UPPER)  # smallest successful constant so far
         best_l2 = torch.full_like(const, math.inf)
         best = x.clone()
         for round_ in range(self.binary_search_steps):
             if self.binary_search_steps >= 10 and round_ == self.binary_search_steps - 1:
-                const = torch.where(torch.isfinite(upper), upper, const)
+                const = torch.where(upper < NO_UPPER * 0.1, upper, const)
             c = const.clone()
             found = _l2_round(
                 model,
@@ -257,9 +278,7 @@ class CarliniWagnerL2(Attack):
                 abort_early=self.abort_early,
             )
             # binary search on c: bisect once bracketed, else grow by 10 until some c succeeds
-            upper = torch.where(found, torch.minimum(upper, c), upper)
-            lower = torch.where(found, lower, torch.maximum(lower, c))
-            const = torch.where(torch.isfinite(upper), (lower + upper) / 2, c * 10)
+            const, lower, upper = update_consts(c, lower, upper, found)
         return best
 
 

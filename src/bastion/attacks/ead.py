@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from bastion.attacks.base import Attack, CountingModel, positive_float, positive_int
+from bastion.attacks.cw import NO_UPPER, update_consts
 from bastion.errors import InputError
 from bastion.results import Criterion
 from bastion.threat import LpBall, ThreatModel
@@ -27,7 +28,6 @@ from bastion.threat import LpBall, ThreatModel
 DecisionRule = Literal["EN", "L1"]
 
 #: Upper bound of c before any success: ``c`` is multiplied by 10 while the bound is still this value.
-_NO_UPPER = 1e10
 
 
 def shrinkage(z: torch.Tensor, x: torch.Tensor, beta: float, domain: tuple[float, float]) -> torch.Tensor:
@@ -40,23 +40,6 @@ def shrinkage(z: torch.Tensor, x: torch.Tensor, beta: float, domain: tuple[float
     lo, hi = domain
     d = z - x
     return (x + d.sign() * (d.abs() - beta).clamp(min=0.0)).clamp(lo, hi)
-
-
-def update_consts(
-    const: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, success: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of Carlini & Wagner's per-sample search over the constant ``c`` of the loss term.
-
-    A sample that succeeded at ``c`` lowers its upper bound to ``c``; one that failed raises its lower bound. The
-    next ``c`` is the midpoint of the bounds, or ``10·c`` while no success has set an upper bound.
-
-    Returns:
-        The new ``(const, lower, upper)``.
-    """
-    upper = torch.where(success, torch.minimum(upper, const), upper)
-    lower = torch.where(success, lower, torch.maximum(lower, const))
-    const = torch.where(upper < _NO_UPPER * 0.1, (lower + upper) / 2, const * 10)
-    return const, lower, upper
 
 
 class EAD(Attack):
@@ -138,7 +121,7 @@ class EAD(Attack):
         kappa, beta = self.confidence, self.beta
         const = torch.full((n,), self.initial_const, dtype=x.dtype, device=x.device)
         lower = torch.zeros_like(const)
-        upper = torch.full_like(const, _NO_UPPER)
+        upper = torch.full_like(const, NO_UPPER)
         best = x.clone()
         best_dist = torch.full_like(const, math.inf)
         check_every = math.ceil(self.steps / 10)

@@ -1,0 +1,1 @@
+"""Verification: a network IR, sound bound propagation, complete search, VNN-LIB specifications."""

@@ -11,7 +11,7 @@ from torch import nn
 from bastion.attacks import ATTACKS, BIM, FGSM, PGD, Attack, make_attack
 from bastion.data import Dataset
 from bastion.errors import BastionWarning, InputError, ModelError
-from bastion.threat import LpBall
+from bastion.threat import FlowThreat, LpBall, ThreatModel
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_attacks_run_on_cuda(digits_model, threat: LpBall) -> None:
 
 # ------------------------------------------------------------------------------------------- every registered attack
 # Quick settings and a threat per registered attack: a new attack must be added here to be registered at all.
-REGISTRY_TABLE: dict[str, tuple[dict, LpBall]] = {
+REGISTRY_TABLE: dict[str, tuple[dict, ThreatModel]] = {
     "fgsm": ({}, LpBall("linf", 0.15)),
     "bim": ({"steps": 10, "abs_stepsize": 0.02}, LpBall("linf", 0.15)),
     "pgd": ({"steps": 10, "rel_stepsize": 0.2}, LpBall("l2", 1.5)),
@@ -273,6 +273,7 @@ REGISTRY_TABLE: dict[str, tuple[dict, LpBall]] = {
     "fab-t": ({"steps": 20, "n_target_classes": 2}, LpBall("l1", float("inf"))),
     "cw-linf": ({"steps": 50, "initial_const": 1e-2, "largest_const": 1.0}, LpBall("linf", float("inf"))),
     "cw-l0": ({"steps": 30, "lr": 0.1, "initial_const": 1.0, "largest_const": 4.0}, LpBall("l0", float("inf"))),
+    "stadv": ({"steps": 50}, FlowThreat(0.5)),
 }
 
 
@@ -290,9 +291,15 @@ def test_every_registered_attack_honours_the_contract(digits_model, name: str) -
     with torch.no_grad():
         pred = model(res.x_adv).argmax(dim=1)
     torch.testing.assert_close(res.success, pred != y)  # success re-verified by prediction
-    assert bool(threat.contains(res.x_adv, x).all())  # inside the threat set (the domain for minimal attacks)
+    if isinstance(threat, FlowThreat):  # a flow threat is checked through the flow the base re-applied
+        assert res.perturbation is not None and bool(threat.contains_flow(res.perturbation).all())
+        torch.testing.assert_close(res.x_adv, threat.apply(x, res.perturbation))
+        size = threat.flow_size(res.perturbation)
+    else:
+        assert bool(threat.contains(res.x_adv, x).all())  # inside the threat set (the domain for minimal attacks)
+        size = threat.distance(res.x_adv, x)
     assert bool(torch.isfinite(res.distance[res.success]).all())
-    torch.testing.assert_close(res.distance[res.success], threat.distance(res.x_adv, x)[res.success])
+    torch.testing.assert_close(res.distance[res.success], size[res.success])
     assert res.success_rate > 0.5  # every attack breaks most of this undefended model at these radii
     if attack.access != "white-box":
         assert res.grad_calls == 0 and res.queries is not None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bastion.errors import InputError
-from bastion.threat import LpBall, canonical_norm
+from bastion.threat import FlowThreat, LpBall, ThreatModel, canonical_norm, warp
 
 
 def _bisect_l2(y: np.ndarray, x: np.ndarray, eps: float, lo: float, hi: float) -> np.ndarray:
@@ -203,3 +203,131 @@ def test_norm_names_and_keys() -> None:
 def test_bad_threat_arguments_are_named(kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
         LpBall(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- spatial flow
+def _images(n: int = 3, c: int = 2, h: int = 5, w: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_zero_flow_is_the_identity() -> None:
+    x = _images()
+    threat = FlowThreat(0.5)
+    zero = torch.zeros(3, 2, 5, 7, dtype=torch.float64)
+    assert torch.equal(threat.apply(x, zero), x)  # bit for bit
+    torch.testing.assert_close(warp(x, zero), x, atol=1e-12, rtol=0)  # the raw warp too, up to rounding
+    single = x[:, 0]  # (N, H, W) images are accepted as one channel
+    assert torch.equal(threat.apply(single, zero), single)
+
+
+@pytest.mark.parametrize("dx,dy", [(1, 0), (0, 1), (-2, 0), (1, -1), (3, 2)])
+def test_integer_flow_shifts_the_image_exactly(dx: int, dy: int) -> None:
+    # output pixel (i, j) reads input pixel (i + dy, j + dx); outside the image it reads the nearest border pixel
+    x = _images()
+    h, w = x.shape[-2:]
+    flow = torch.zeros(3, 2, h, w, dtype=torch.float64)
+    flow[:, 0], flow[:, 1] = dx, dy
+    rows = (torch.arange(h) + dy).clamp(0, h - 1)
+    cols = (torch.arange(w) + dx).clamp(0, w - 1)
+    expected = x[:, :, rows][:, :, :, cols]
+    torch.testing.assert_close(FlowThreat(math.inf).apply(x, flow), expected, atol=1e-12, rtol=0)
+
+
+def test_half_pixel_flow_averages_neighbours_and_stays_in_the_domain() -> None:
+    x = _images()
+    flow = torch.zeros(3, 2, 5, 7, dtype=torch.float64)
+    flow[:, 0] = 0.5
+    out = FlowThreat(1.0).apply(x, flow)
+    torch.testing.assert_close(out[..., :-1], 0.5 * (x[..., :-1] + x[..., 1:]), atol=1e-12, rtol=0)
+    big = FlowThreat(math.inf).random_flow(x, torch.Generator().manual_seed(1), eps=40.0)
+    warped = FlowThreat(math.inf).apply(x, big)
+    assert bool((warped >= x.amin(dim=(1, 2, 3), keepdim=True) - 1e-12).all())  # convex combinations only
+    assert bool((warped <= x.amax(dim=(1, 2, 3), keepdim=True) + 1e-12).all())
+
+
+def test_flow_projection_respects_the_budget_and_is_the_nearest_point() -> None:
+    threat = FlowThreat(0.7)
+    gen = torch.Generator().manual_seed(0)
+    flow = 2 * torch.randn(4, 2, 6, 6, generator=gen, dtype=torch.float64)
+    proj = threat.project_flow(flow)
+    size = threat.flow_size(proj)
+    assert bool((size <= 0.7 + 1e-12).all()) and bool(threat.contains_flow(proj).all())
+    assert not bool(threat.contains_flow(flow).any())
+    # per pixel: inside the disc unchanged, outside moved radially onto the circle (nearest point of a disc)
+    length = flow.norm(dim=1, keepdim=True)
+    inside = length <= 0.7
+    torch.testing.assert_close(torch.where(inside, flow, 0.0), torch.where(inside, proj, 0.0))
+    torch.testing.assert_close(torch.where(inside, 0.7, proj.norm(dim=1, keepdim=True)), torch.full_like(length, 0.7))
+    cos = (proj * flow).sum(dim=1) / (proj.norm(dim=1) * flow.norm(dim=1))
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+    # no sampled point of the set is nearer to the flow than the projection
+    other = threat.random_flow(torch.zeros(4, 1, 6, 6, dtype=torch.float64), gen)
+    assert bool(((other - flow).flatten(1).norm(dim=1) >= (proj - flow).flatten(1).norm(dim=1)).all())
+    # per-sample budgets and the infinite budget
+    torch.testing.assert_close(FlowThreat(math.inf).project_flow(flow), flow)
+    per = threat.project_flow(flow, eps=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    torch.testing.assert_close(threat.flow_size(per), torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+
+
+def test_random_flow_fills_the_disc_and_random_start_is_a_warp() -> None:
+    threat = FlowThreat(0.5)
+    x = _images(n=200, c=1, h=4, w=4)
+    flow = threat.random_flow(x, torch.Generator().manual_seed(0))
+    length = flow.norm(dim=1)
+    assert bool((length <= 0.5 + 1e-12).all())
+    assert float((length <= 0.25).double().mean()) == pytest.approx(0.25, abs=0.03)  # uniform in the disc
+    assert abs(float(flow[:, 0].mean())) < 0.01 and abs(float(flow[:, 1].mean())) < 0.01
+    start = threat.random_start(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(start, threat.apply(x, flow))
+    assert bool(threat.in_domain(start).all())
+
+
+def test_warp_is_differentiable_in_the_flow() -> None:
+    x = _images(n=2, c=1, h=4, w=5)
+    flow = 0.3 * torch.randn(2, 2, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    flow.requires_grad_(True)
+    weights = torch.randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: (warp(x, f) * weights).sum(), (flow,))
+    (grad,) = torch.autograd.grad((warp(x, flow) * weights).sum(), flow)
+    assert float(grad.abs().sum()) > 0
+
+
+def test_flow_step_is_per_pixel_normalised_ascent() -> None:
+    threat = FlowThreat(1.0)
+    grad = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    moved = threat.step_flow(torch.zeros_like(grad), grad, 0.25)
+    torch.testing.assert_close(moved.norm(dim=1), torch.full((2, 3, 3), 0.25))
+    assert bool(((moved * grad).sum(dim=1) > 0).all())
+
+
+def test_flow_threat_names_errors_and_image_space_methods() -> None:
+    threat = FlowThreat(0.5)
+    assert isinstance(threat, ThreatModel)
+    assert threat.key == "flow:0.5" and repr(threat) == "FlowThreat(0.5)"
+    assert FlowThreat(1, domain=(-1, 1)).key == "flow:1.0@[-1.0,1.0]"
+    assert threat.with_eps(2.0) == FlowThreat(2.0)
+    x = _images()
+    for call in (
+        lambda: threat.project(x, x),
+        lambda: threat.distance(x, x),
+        lambda: threat.contains(x, x),
+        lambda: threat.step(x, x, 0.1),
+    ):
+        with pytest.raises(InputError, match="apply"):
+            call()
+    for kwargs, match in [
+        ({"eps": -1.0}, ">= 0"),
+        ({"eps": float("nan")}, ">= 0"),
+        ({"eps": "far"}, "number"),
+        ({"eps": 1.0, "domain": (1.0, 0.0)}, "lo < hi"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            FlowThreat(**kwargs)
+    with pytest.raises(InputError, match="images"):
+        threat.apply(torch.rand(3, 64), torch.zeros(3, 2, 8, 8))
+    with pytest.raises(InputError, match="does not fit"):
+        threat.apply(x, torch.zeros(3, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(InputError, match=r"\(N, 2, H, W\)"):
+        threat.apply(x, torch.zeros(3, 5, 7, dtype=torch.float64))
+    with pytest.raises(InputError, match="NaN"):
+        threat.apply(x, torch.full((3, 2, 5, 7), math.nan, dtype=torch.float64))

@@ -16,7 +16,7 @@ from bastion.errors import BastionError, BastionWarning, InputError
 from bastion.evaluate import EvaluationResult, evaluate
 from bastion.results import AttackResult, Criterion, SampleRecord
 from bastion.store import Store
-from bastion.threat import LpBall, ThreatModel
+from bastion.threat import FlowThreat, LpBall, ThreatModel
 
 __all__ = [
     "AttackResult",
@@ -25,6 +25,7 @@ __all__ = [
     "Criterion",
     "Dataset",
     "EvaluationResult",
+    "FlowThreat",
     "InputError",
     "LpBall",
     "SampleRecord",

@@ -38,7 +38,7 @@ from bastion.masking import Finding, posthoc, preflight, unbounded_check
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
 from bastion.results import SampleRecord
 from bastion.store import Store, run_key
-from bastion.threat import LpBall, ThreatModel
+from bastion.threat import FlowThreat, LpBall, ThreatModel
 
 CLEAN = "clean"  # the 'attack' name of samples the model already gets wrong
 
@@ -341,7 +341,7 @@ def _evaluate_batch(
                         d[run] = res.distance.to(d.dtype)
                         minimal_cache[i] = d
                     d_run = minimal_cache[i][run]
-                    eps = threat.eps if isinstance(threat, LpBall) else math.inf
+                    eps = threat.eps if isinstance(threat, (LpBall, FlowThreat)) else math.inf
                     hit = d_run <= eps
                     broken_by[run[hit]] = i
                     dist[run[hit]] = d_run[hit]

@@ -84,6 +84,9 @@ class AttackResult:
         queries: per-sample forward evaluations for query-counted (black-box) attacks, else ``None``.
         seconds: wall time of the attack.
         attack: repr of the attack that produced it.
+        perturbation: for a parametrised threat model, the parameters behind ``x_adv`` (on a
+            :class:`~bastion.threat.FlowThreat`: the projected flow fields (N, 2, H, W), zero where the attack did
+            not run, with ``x_adv == threat.apply(x, perturbation)``); ``None`` for l_p balls.
     """
 
     x_adv: torch.Tensor
@@ -97,6 +100,7 @@ class AttackResult:
     seconds: float = 0.0
     attack: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    perturbation: torch.Tensor | None = None
 
     @property
     def success_rate(self) -> float:

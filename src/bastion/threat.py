@@ -377,3 +377,209 @@ def _shrink_to(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tenso
     n = lp_norm(delta, norm)
     factor = torch.where(n > eps, eps / n.clamp_min(1e-30), torch.ones_like(n))
     return delta * factor[:, None]
+
+
+# --------------------------------------------------------------------------------------------------- spatial flow
+def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Bilinear resampling of images ``x`` (N, C, H, W) along a per-pixel flow field (N or 1, 2, H, W), in pixels.
+
+    Output pixel ``(i, j)`` reads the input at ``(i + flow[:, 1, i, j], j + flow[:, 0, i, j])`` (channel 0 of the
+    flow moves along the width, channel 1 along the height) and interpolates its 4 neighbouring pixels bilinearly,
+    as in eq. 1 of Xiao et al. (ICLR 2018). Sample positions outside the image read the nearest border pixel
+    (border replication), so every output value is a convex combination of input values and stays in the input
+    domain. ``grid_sample`` runs with ``align_corners=True``, under which the normalised coordinates -1 and 1 are the
+    *centres* of the corner pixels: a flow of exactly one pixel then moves the sample point onto the next pixel's
+    centre, so integer flows shift images exactly. Differentiable in ``flow`` (and in ``x``).
+    """
+    n, _, h, w = x.shape
+    # pixel index k sits at normalised coordinate -1 + 2k/(size - 1) under align_corners=True
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2), last dim (x, y)
+    scale = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], device=x.device, dtype=x.dtype)
+    grid = base + flow.to(x.dtype).permute(0, 2, 3, 1) * scale
+    grid = grid.expand(n, h, w, 2)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+@dataclass(frozen=True)
+class FlowThreat(ThreatModel):
+    """Spatially transformed inputs: ``warp(x, f)`` for a per-pixel flow field ``f`` of bounded displacement.
+
+    The adversary moves every pixel by its own displacement vector ``f[:, :, i, j]`` (in pixels) and the image is
+    resampled bilinearly (see :func:`warp`; Xiao, Zhu, Li, He, Liu & Song, "Spatially Transformed Adversarial
+    Examples", ICLR 2018). The budget bounds how far any pixel moves: the *flow size* is the largest per-pixel
+    Euclidean displacement, ``max_{i,j} sqrt(f_x(i,j)^2 + f_y(i,j)^2)``, and the set is ``{warp(x, f) : size(f) <=
+    eps}`` — a bounded-flow threat as used after stAdv (e.g. the flow budget of Zhang, Ruan, Wang & Huang, ICDM 2020).
+    ``eps = inf`` leaves the flow unbounded (stAdv's own setting, which only penalises the flow's roughness).
+
+    The threat set is parametrised by flows, not by image differences, so the geometry is given on flows:
+    :meth:`apply`, :meth:`project_flow`, :meth:`flow_size`, :meth:`contains_flow`, :meth:`random_flow` and
+    :meth:`step_flow`. Of the image-space methods of :class:`ThreatModel`, :meth:`random_start`, :meth:`clip` and
+    :meth:`in_domain` are exact; :meth:`project`, :meth:`distance`, :meth:`contains` and :meth:`step` would need the
+    flow behind an image (finding it is itself an optimisation problem), so they raise an
+    :class:`~bastion.errors.InputError` pointing to the flow methods. Attacks on this threat return flows, and the
+    shared attack base re-applies them (``Attack.__call__``).
+
+    Inputs must be images (N, C, H, W) or single-channel images (N, H, W), with H, W >= 2.
+
+    Args:
+        eps: largest displacement of any pixel, in pixels (>= 0; ``math.inf`` for an unbounded flow).
+        domain: ``(lo, hi)`` bounds of every input feature.
+
+    Example:
+        >>> FlowThreat(0.5).key
+        'flow:0.5'
+    """
+
+    eps: float
+    domain: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        try:
+            eps = float(self.eps)
+        except (TypeError, ValueError):
+            raise InputError(f"the flow budget eps must be a number of pixels, got {self.eps!r}") from None
+        if math.isnan(eps) or eps < 0:
+            raise InputError(f"the flow budget eps must be >= 0 pixels, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
+        try:
+            lo, hi = (float(v) for v in self.domain)
+        except (TypeError, ValueError):
+            raise InputError(f"domain must be a pair (lo, hi) of numbers, got {self.domain!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise InputError(f"domain must satisfy lo < hi with finite bounds, got {self.domain!r}")
+        object.__setattr__(self, "domain", (lo, hi))
+
+    @property
+    def key(self) -> str:
+        base = f"flow:{self.eps!r}"
+        return base if self.domain == (0.0, 1.0) else f"{base}@[{self.domain[0]!r},{self.domain[1]!r}]"
+
+    def with_eps(self, eps: float) -> FlowThreat:
+        """The same threat with another flow budget."""
+        return FlowThreat(eps, self.domain)
+
+    # ----------------------------------------------------------------------------------------------- flows
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise an InputError unless ``x`` is a batch of images (N, C, H, W) or (N, H, W) with H, W >= 2."""
+        if x.dim() not in (3, 4) or x.shape[-1] < 2 or x.shape[-2] < 2:
+            raise InputError(
+                f"the flow threat model needs images of shape (N, C, H, W) or (N, H, W) with H, W >= 2, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def flow_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """The shape (N, 2, H, W) of the flow fields for the images ``x``."""
+        self.check_images(x)
+        return (x.shape[0], 2, x.shape[-2], x.shape[-1])
+
+    def _check_flow(self, flow: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        if not torch.is_tensor(flow) or not flow.is_floating_point():
+            raise InputError(f"flow must be a floating-point tensor, got {type(flow).__name__}")
+        if flow.dim() != 4 or flow.shape[1] != 2:
+            raise InputError(f"flow must have shape (N, 2, H, W), got {tuple(flow.shape)}")
+        if x is not None:
+            n, _, h, w = self.flow_shape(x)
+            if flow.shape[2:] != (h, w) or flow.shape[0] not in (1, n):
+                raise InputError(f"flow of shape {tuple(flow.shape)} does not fit images of shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(flow).all()):
+            raise InputError("flow contains NaN or Inf values")
+
+    def apply(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """The images ``x`` warped by ``flow`` (N or 1, 2, H, W), in the shape of ``x`` (see :func:`warp`).
+
+        The flow is used as given (not projected onto the budget): call :meth:`project_flow` first to stay inside.
+        """
+        self._check_flow(flow, x)
+        images = x if x.dim() == 4 else x.unsqueeze(1)
+        out = warp(images, flow).reshape(x.shape)
+        # a zero flow is the identity: return x bit for bit rather than grid_sample's rounding of it
+        still = (flow == 0).flatten(1).all(dim=1)
+        out = torch.where(_per_sample(still, out), x, out)
+        # a convex combination of in-domain values is in the domain; the clamp only removes float rounding
+        return self.clip(out)
+
+    def flow_size(self, flow: torch.Tensor) -> torch.Tensor:
+        """Per-sample flow size (N,): the largest per-pixel Euclidean displacement, in pixels."""
+        return flow.norm(dim=1).flatten(1).amax(dim=1)
+
+    def _eps_pixels(self, flow: torch.Tensor, eps: torch.Tensor | float | None) -> torch.Tensor:
+        e = self.eps if eps is None else eps
+        return torch.as_tensor(e, dtype=flow.dtype, device=flow.device).expand(flow.shape[0]).reshape(-1, 1, 1, 1)
+
+    def project_flow(self, flow: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The nearest flow (Euclidean) whose size is at most ``eps`` (default: the threat's budget).
+
+        The set is a product of discs, one per pixel, so the projection shortens each displacement longer than
+        ``eps`` onto its disc and leaves the others alone.
+        """
+        e = self._eps_pixels(flow, eps)
+        length = flow.norm(dim=1, keepdim=True)
+        factor = torch.where(length > e, e / length.clamp_min(1e-30), torch.ones_like(length))
+        return flow * factor
+
+    def contains_flow(self, flow: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Per-sample boolean: the flow's size is within the budget (up to float rounding)."""
+        e = self._eps_pixels(flow, eps).flatten()
+        tol = 1e-6 + 1e-5 * torch.where(torch.isinf(e), 0.0, e)
+        return self.flow_size(flow) <= e + tol
+
+    def random_flow(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """A flow for the images ``x`` with every pixel's displacement uniform in the disc of radius ``eps``.
+
+        An unbounded budget is capped at the image's larger side (moving further only reads the border again).
+        """
+        n, _, h, w = self.flow_shape(x)
+        e = self._eps_pixels(x.new_zeros(n), eps)
+        e = torch.where(torch.isinf(e), torch.full_like(e, float(max(h, w))), e)
+        angle = 2 * math.pi * torch.rand((n, 1, h, w), generator=generator, device=x.device, dtype=x.dtype)
+        radius = torch.rand((n, 1, h, w), generator=generator, device=x.device, dtype=x.dtype).sqrt() * e
+        return torch.cat([radius * angle.cos(), radius * angle.sin()], dim=1)
+
+    def step_flow(self, flow: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor | float) -> torch.Tensor:
+        """One normalised steepest-ascent step on the flow (unprojected).
+
+        The budget is an l∞ norm over pixels of the l2 norm of each displacement, so the steepest-ascent direction
+        moves every pixel by ``step_size`` along its own normalised gradient ``g(i,j) / ||g(i,j)||_2``.
+        """
+        direction = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        size = step_size if isinstance(step_size, float) else torch.as_tensor(step_size).reshape(-1, 1, 1, 1)
+        return flow + size * direction
+
+    # ----------------------------------------------------------------------------------------------- ThreatModel
+    def random_start(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``x`` warped by a random flow of :meth:`random_flow`: a random point of the threat set."""
+        return self.apply(x, self.random_flow(x, generator, eps))
+
+    def _flow_only(self, what: str) -> InputError:
+        return InputError(
+            f"FlowThreat.{what} is not defined on images: the flow threat set is parametrised by flow fields; "
+            "use apply(x, flow), project_flow(flow), flow_size(flow) or contains_flow(flow) instead"
+        )
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        raise self._flow_only("project")
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise self._flow_only("distance")
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float | None = None) -> torch.Tensor:
+        raise self._flow_only("contains")
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor | float) -> torch.Tensor:
+        raise self._flow_only("step")
+
+    def __repr__(self) -> str:
+        extra = "" if self.domain == (0.0, 1.0) else f", domain={self.domain!r}"
+        return f"FlowThreat({self.eps!r}{extra})"

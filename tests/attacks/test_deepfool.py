@@ -67,7 +67,7 @@ def test_deepfool_is_exact_on_an_affine_classifier(norm: str, overshoot: float) 
     assert bool(res.success.all())
     # the nearest linearised boundary is the true one: one step lands on it, the overshoot carries it across
     torch.testing.assert_close(res.distance, exact(DUAL[norm]) * (1 + overshoot), rtol=1e-6, atol=0.0)
-    assert res.grad_calls == x.shape[0] * 3  # one iteration, one gradient per other class
+    assert res.grad_calls == 2 * x.shape[0] * 3  # two linearisations, one iteration, one gradient per other class
     # the l2 step is along w_k - w_y; the l∞ step moves every feature by the same amount
     delta = (res.x_adv - x).abs()
     if norm == "linf":
@@ -80,8 +80,8 @@ def test_candidates_restrict_the_classes_considered() -> None:
     full = DeepFool()(model, x, y, threat=threat)
     top2 = DeepFool(candidates=2)(model, x, y, threat=threat)
     assert bool(top2.success.all())
-    assert top2.grad_calls == x.shape[0]  # only the runner-up class: one gradient per sample, one iteration
-    assert full.grad_calls == x.shape[0] * 5
+    assert top2.grad_calls == 2 * x.shape[0]  # only the runner-up class: one gradient per sample and linearisation
+    assert full.grad_calls == 2 * x.shape[0] * 5
     torch.testing.assert_close(full.distance, exact(2.0) * 1.02, rtol=1e-6, atol=0.0)
     # restricting the classes can only miss the nearest boundary: never closer than the exact distance
     assert bool((top2.distance >= full.distance * (1 - 1e-9)).all())
@@ -105,6 +105,19 @@ def test_deepfool_contract_on_digits(digits_model, norm: str) -> None:
     assert bool((res.distance[clean != y] == 0).all())
     # linearising inside the box keeps iterates from stalling on clipped features: (almost) every sample breaks
     assert res.success_rate >= 0.95
+
+
+def test_best_of_both_linearisations_is_never_longer(digits_model) -> None:
+    model, x, y = digits_model
+    threat = LpBall("l2", math.inf)
+    runs = {box: DeepFool(box=box)(model, x, y, threat=threat) for box in ("best", "ignore", "mask")}
+    best = runs["best"].distance
+    assert bool((best <= torch.minimum(runs["ignore"].distance, runs["mask"].distance) * (1 + 1e-6)).all())
+    # the paper's linearisation stalls on some digits, the box-aware one is longer on others: both matter
+    assert runs["ignore"].success_rate < runs["best"].success_rate
+    assert bool((runs["mask"].distance > best * 1.01).any())
+    with pytest.raises(InputError, match="box"):
+        DeepFool(box="clip")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

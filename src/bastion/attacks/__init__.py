@@ -19,7 +19,13 @@ from bastion.attacks.lbfgs import LBFGS
 from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.square import Square
-from bastion.attacks.universal import UniversalPerturbation, UniversalResult
+from bastion.attacks.stadv import StAdv
+from bastion.attacks.universal import (
+    GeneralizedUniversalPerturbation,
+    GeneralizedUniversalResult,
+    UniversalPerturbation,
+    UniversalResult,
+)
 from bastion.attacks.wrappers import BPDA, EOT
 from bastion.errors import InputError
 
@@ -45,8 +51,11 @@ __all__ = [
     "CarliniWagnerLinf",
     "CountingModel",
     "DeepFool",
+    "GeneralizedUniversalPerturbation",
+    "GeneralizedUniversalResult",
     "PatchResult",
     "Square",
+    "StAdv",
     "UniversalPerturbation",
     "UniversalResult",
     "make_attack",

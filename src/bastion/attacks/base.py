@@ -27,7 +27,7 @@ from bastion.data import validate_arrays
 from bastion.errors import InputError
 from bastion.models.checks import check_logits, eval_mode, model_device
 from bastion.results import AttackResult, Criterion
-from bastion.threat import LpBall, ThreatModel
+from bastion.threat import FlowThreat, LpBall, ThreatModel
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -131,6 +131,8 @@ class Attack(ABC):
         device = model_device(model)
         x_t, y_t, _ = validate_arrays(x, y, domain=threat.domain, source="x/y given to the attack")
         self.check_inputs(x_t)
+        if isinstance(threat, FlowThreat):
+            threat.check_images(x_t)
         if torch.is_tensor(x) and x.is_floating_point():
             x_t = x.detach()  # validated; keep the caller's precision (float64 stays float64)
         x_t, y_t = x_t.to(device), y_t.to(device)
@@ -152,6 +154,8 @@ class Attack(ABC):
             criterion = Criterion(y_t, t_t)
             todo = ~criterion.is_adversarial(clean_logits)  # already-adversarial samples need no attack
             x_adv = x_t.clone()
+            # on a flow threat the attack's output is a flow field: the image is rebuilt from it below
+            flow = x_t.new_zeros(threat.flow_shape(x_t)) if isinstance(threat, FlowThreat) else None
             queries = None
             if bool(todo.any()):
                 idx = todo.nonzero().squeeze(1)
@@ -160,13 +164,23 @@ class Attack(ABC):
                     out, q = out
                     queries = torch.ones(x_t.shape[0], dtype=torch.long, device=device)  # the clean query
                     queries[idx] += q.to(device=device, dtype=torch.long)
-                x_adv[idx] = out.to(x_t.dtype)
-            x_adv = threat.clip(x_adv) if self.minimal else threat.project(x_adv, x_t)
+                if flow is not None:
+                    if tuple(out.shape) != (idx.numel(), *flow.shape[1:]):
+                        raise RuntimeError(f"{type(self).__name__}.run returned shape {tuple(out.shape)}, not a flow")
+                    flow[idx] = out.to(x_t.dtype)
+                else:
+                    x_adv[idx] = out.to(x_t.dtype)
+            if isinstance(threat, FlowThreat) and flow is not None:
+                # never trust an image from the attack: project its flow onto the budget and warp x again
+                flow = threat.project_flow(flow)
+                x_adv = threat.apply(x_t, flow)
+                size = threat.flow_size(flow)
+            else:
+                x_adv = threat.clip(x_adv) if self.minimal else threat.project(x_adv, x_t)
+                size = threat.distance(x_adv, x_t)
             adv_logits = counted(x_adv)
         success = criterion.is_adversarial(adv_logits)
-        distance = torch.where(
-            success, threat.distance(x_adv, x_t), torch.full_like(success, float("inf"), dtype=x_t.dtype)
-        )
+        distance = torch.where(success, size, torch.full_like(success, float("inf"), dtype=x_t.dtype))
         return AttackResult(
             x_adv=x_adv,
             success=success,
@@ -178,6 +192,7 @@ class Attack(ABC):
             queries=queries,
             seconds=time.perf_counter() - start,
             attack=repr(self),
+            perturbation=flow,
         )
 
     @abstractmethod
@@ -193,8 +208,11 @@ class Attack(ABC):
 
         Only samples that need attacking are passed. The base class projects the output onto the threat set (or,
         for minimal-distortion attacks, clips it to the domain) and re-verifies success, so ``run`` may return
-        points that fail. Query-counted (black-box) attacks return ``(x_adv, queries)`` with the number of model
-        queries spent on each sample (N,); the result's ``queries`` then adds the clean query of each sample.
+        points that fail. On a :class:`~bastion.threat.FlowThreat` (attacks whose ``norms`` include ``"flow"``),
+        ``run`` returns flow fields (n, 2, H, W) instead: the base projects them onto the flow budget, warps ``x``
+        with them itself, re-predicts, and reports the flow size as the distance. Query-counted (black-box) attacks
+        return ``(x_adv, queries)`` with the number of model queries spent on each sample (N,); the result's
+        ``queries`` then adds the clean query of each sample.
         """
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -207,6 +225,11 @@ class Attack(ABC):
             raise InputError(f"threat must be a ThreatModel such as LpBall('linf', 0.3), got {threat!r}")
         if isinstance(threat, LpBall) and threat.norm not in self.norms:
             raise InputError(f"{type(self).__name__} supports the norms {', '.join(self.norms)}; got threat {threat!r}")
+        if isinstance(threat, FlowThreat) and "flow" not in self.norms:
+            raise InputError(
+                f"{type(self).__name__} supports the norms {', '.join(self.norms)}, not the flow threat {threat!r}; "
+                "use a flow attack such as StAdv"
+            )
 
     @staticmethod
     def _check_targets(targets: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

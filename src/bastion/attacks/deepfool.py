@@ -12,6 +12,7 @@ prediction changes. On an affine classifier it is exact in one step.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from bastion.threat import LpBall, ThreatModel, lp_norm
 
 #: The dual norm q of each supported threat norm p (1/p + 1/q = 1): the norm the boundary distance divides by.
 _DUAL = {"l2": "l2", "linf": "l1"}
+BoxMode = Literal["best", "ignore", "mask"]
 
 
 class DeepFool(Attack):
@@ -47,19 +49,26 @@ class DeepFool(Attack):
     algorithm. Each iteration costs one forward pass and one backward pass per other candidate class, on the whole
     batch.
 
-    Differences from the paper (which has no input domain): the iterates are clipped to the domain, and the
-    linearisation is taken within the box: a feature already at a bound whose gradient points further out is left
-    out of ``w'_k`` (it cannot move that way). Without this, the clipped part of each step is lost, the iterates
-    creep towards the boundary by ever smaller steps and stall on a tie at float precision (on the digits MLP in
-    float32, about 30 % of the samples). No constant is added to the step (the authors' code adds 1e-4 to
-    ``|f'_l| / ||w'_l||``), so that on an affine model with an inactive box the result is the exact minimal
-    perturbation times ``1 + overshoot``. The overshoot is what carries the point across the boundary: with
-    ``overshoot=0`` the iterate lands on the boundary itself, where the prediction is a tie.
+    Differences from the paper (which has no input domain): the iterates are clipped to the domain, and, with
+    ``box="best"`` (the default), the attack runs twice and keeps for each sample the shorter adversarial example:
+    once with the paper's linearisation (as Foolbox and torchattacks do), once with the linearisation taken within
+    the box, where a feature already at a bound whose gradient points further out is left out of ``w'_k`` (it
+    cannot move that way). Neither dominates. The paper's version finds shorter perturbations on most samples, but
+    the clipped part of each of its steps is lost, so on images with saturated pixels its iterates creep towards the
+    boundary by ever smaller steps and stall on a tie at float precision (25 % of MNIST test points with a standard
+    CNN; about 30 % of the digits with the MLP in float32); the box-aware version crosses on those. On the MNIST CNN
+    of ``benchmarks/`` the per-sample best has median l2 2.02 against 2.06 for the paper's version alone (75 %
+    success) and 2.15 for the box-aware one alone, at twice the cost of one run. No constant is added to the step
+    (the authors' code adds 1e-4 to ``|f'_l| / ||w'_l||``), so that on an affine model with an inactive box the
+    result is the exact minimal perturbation times ``1 + overshoot``. The overshoot is what carries the point across
+    the boundary: with ``overshoot=0`` the iterate lands on the boundary itself, where the prediction is a tie.
 
     Args:
         steps: maximum number of iterations (the authors' code uses 50).
         overshoot: the accumulated perturbation is scaled by ``1 + overshoot`` (the paper's 0.02); >= 0.
         candidates: number of classes considered, the label included (>= 2; the top ones by clean logit).
+        box: ``"best"`` (both linearisations, the shorter result per sample), ``"ignore"`` (the paper's) or
+            ``"mask"`` (within the box only).
     """
 
     name = "deepfool"
@@ -70,7 +79,9 @@ class DeepFool(Attack):
         "CVPR 2016"
     )
 
-    def __init__(self, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10) -> None:
+    def __init__(
+        self, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10, box: BoxMode = "best"
+    ) -> None:
         self.steps = positive_int("steps", steps)
         if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float)) or not overshoot >= 0:
             raise InputError(f"overshoot must be a number >= 0, got {overshoot!r}")
@@ -80,6 +91,9 @@ class DeepFool(Attack):
         self.candidates = positive_int("candidates", candidates)
         if self.candidates < 2:
             raise InputError(f"candidates must be >= 2 (the label and at least one other class), got {candidates!r}")
+        if box not in ("best", "ignore", "mask"):
+            raise InputError(f"box must be 'best', 'ignore' or 'mask', got {box!r}")
+        self.box: BoxMode = box
 
     def __call__(
         self,
@@ -107,6 +121,25 @@ class DeepFool(Attack):
             raise InputError(f"{type(self).__name__} needs an LpBall threat model, got {threat!r}")
         if criterion.targeted:
             raise InputError("DeepFool is untargeted: call it without targets")
+        if self.box != "best":
+            return self._iterate(model, x, criterion, threat, mask_box=self.box == "mask")
+        candidates = torch.stack(
+            [self._iterate(model, x, criterion, threat, mask_box=mask) for mask in (False, True)]
+        )  # (2, N, ...)
+        logits = model(candidates.flatten(0, 1)).reshape(2, x.shape[0], -1)
+        length = torch.stack(
+            [
+                torch.where(criterion.is_adversarial(logits[i]), threat.distance(candidates[i], x), math.inf)
+                for i in range(2)
+            ]
+        )
+        pick = (length[1] < length[0]).reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(pick, candidates[1], candidates[0])
+
+    def _iterate(
+        self, model: CountingModel, x: torch.Tensor, criterion: Criterion, threat: LpBall, *, mask_box: bool
+    ) -> torch.Tensor:
+        """DeepFool's iterations from ``x``, with the linearisation taken within the box when ``mask_box``."""
         dual = _DUAL[threat.norm]
         n = x.shape[0]
         x_adv = x.clone()
@@ -139,10 +172,10 @@ class DeepFool(Attack):
             model.gradients += xa.shape[0] * c
             idx, f = idx[keep], diffs.detach()[keep]
             w = torch.stack(grads, dim=1).reshape(m, c, -1)  # w'_k = ∇(f_k - f_y): (m, k - 1, D)
-            # linearise within the box: a feature at a bound cannot move further out, so it takes no part in the step
-            lo, hi = threat.domain
-            xf = xa.detach()[keep].reshape(m, 1, -1)
-            w = w.masked_fill(((xf <= lo) & (w < 0)) | ((xf >= hi) & (w > 0)), 0.0)
+            if mask_box:  # a feature at a bound cannot move further out, so it takes no part in the step
+                lo, hi = threat.domain
+                xf = xa.detach()[keep].reshape(m, 1, -1)
+                w = w.masked_fill(((xf <= lo) & (w < 0)) | ((xf >= hi) & (w > 0)), 0.0)
             w_norm = lp_norm(w.reshape(m * c, -1), dual).reshape(m, c)
             dist = f.abs() / w_norm.clamp_min(1e-12)
             best = dist.argmin(dim=1)

@@ -9,23 +9,29 @@ distribution, ``k`` being the classifier's predicted label (not the true label).
 
 Like the adversarial patch, the attack is *universal*: :meth:`UniversalPerturbation.fit` learns ``v`` from a data
 set, and :meth:`UniversalPerturbation.fooling_rate` measures it on held-out data.
+
+:class:`GeneralizedUniversalPerturbation` (GUAP; Zhang, Ruan, Wang & Huang, "Generalizing Universal Adversarial
+Attacks Beyond Additive Perturbations", ICDM 2020) learns a universal *spatial flow* ``f`` together with a universal
+additive ``v``: ``x_adv = clip(warp(x, f) + v)``, by gradient steps on a fooling loss over the data set.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bastion.attacks.base import positive_int
+from bastion.attacks.base import positive_float, positive_int
 from bastion.attacks.deepfool import DeepFool
 from bastion.data import Dataset
 from bastion.errors import InputError
 from bastion.models.checks import eval_mode, model_device
-from bastion.threat import LpBall, canonical_norm
+from bastion.results import ce_loss
+from bastion.threat import FlowThreat, LpBall, canonical_norm, warp
 
 
 @dataclass
@@ -103,7 +109,7 @@ class UniversalPerturbation:
         self.max_passes = positive_int("max_passes", max_passes)
         self.deepfool_steps = positive_int("deepfool_steps", deepfool_steps)
         self.batch_size = positive_int("batch_size", batch_size)
-        self._deepfool = DeepFool(steps=self.deepfool_steps, overshoot=overshoot)  # validates overshoot
+        self._deepfool = DeepFool(steps=self.deepfool_steps, overshoot=overshoot, box="mask")  # validates overshoot
         self.overshoot = self._deepfool.overshoot
 
     def __repr__(self) -> str:
@@ -187,19 +193,26 @@ class UniversalPerturbation:
             clean = self._predictions(model, data, None)
             return self._rate(model, data, v.to(device=device, dtype=data.x.dtype), clean)
 
-    @torch.no_grad()
     def _predictions(self, model: nn.Module, data: Dataset, v: torch.Tensor | None) -> torch.Tensor:
         """Predicted labels (N,) of ``data`` (at ``clip(x + v)`` unless ``v`` is None), on the model's device."""
-        device = model_device(model)
         lo, hi = data.domain
-        preds = []
-        for _, xb, _ in data.batches(self.batch_size):
-            xb = xb.to(device)
-            preds.append(model(xb if v is None else (xb + v).clamp(lo, hi)).argmax(1))
-        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+        return _predict(model, data, self.batch_size, None if v is None else lambda xb: (xb + v).clamp(lo, hi))
 
     def _rate(self, model: nn.Module, data: Dataset, v: torch.Tensor, clean: torch.Tensor) -> float:
         return float((self._predictions(model, data, v) != clean).sum()) / max(1, len(data))
+
+
+@torch.no_grad()
+def _predict(
+    model: nn.Module, data: Dataset, batch_size: int, perturb: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """Predicted labels (N,) of ``data``, each batch transformed by ``perturb`` first, on the model's device."""
+    device = model_device(model)
+    preds = []
+    for _, xb, _ in data.batches(batch_size):
+        xb = xb.to(device)
+        preds.append(model(xb if perturb is None else perturb(xb)).argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _check_model_and_data(model: nn.Module, data: Dataset) -> None:
@@ -207,3 +220,225 @@ def _check_model_and_data(model: nn.Module, data: Dataset) -> None:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, Dataset):
         raise InputError(f"data must be a bastion Dataset, got {type(data).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------- GUAP
+def flow_norm(flow: torch.Tensor) -> torch.Tensor:
+    """GUAP's size of a flow field ``||f||_T`` (Zhang, Ruan, Wang & Huang, ICDM 2020), per field (N,).
+
+    For each of the four neighbour directions (up, down, left, right), the root mean square over the pixels of the
+    difference between a pixel's displacement vector and its neighbour's, with zero displacement outside the image;
+    ``||f||_T`` is the largest of the four. It measures how much the flow *distorts* the image: a smooth flow is
+    cheap, a jagged one costly, and (through the zero border) so is a large rigid shift.
+
+    Args:
+        flow: flow fields (N, 2, H, W), in pixels.
+    """
+    h, w = flow.shape[-2:]
+    padded = torch.nn.functional.pad(flow, (1, 1, 1, 1))
+    neighbours = (
+        padded[:, :, 2:, 1:-1],  # below
+        padded[:, :, :-2, 1:-1],  # above
+        padded[:, :, 1:-1, 2:],  # right
+        padded[:, :, 1:-1, :-2],  # left
+    )
+    sq = torch.stack([(flow - nb).square().flatten(1).sum(dim=1) for nb in neighbours], dim=1)
+    return (sq / (h * w)).sqrt().amax(dim=1)
+
+
+@dataclass
+class GeneralizedUniversalResult:
+    """A universal flow and additive perturbation learnt by :class:`GeneralizedUniversalPerturbation`.
+
+    Apply them as ``clip(warp(x, flow) + perturbation)`` (:meth:`GeneralizedUniversalPerturbation.apply`).
+
+    Attributes:
+        flow: the universal flow field (2, H, W), in pixels, with ``flow_norm(flow) <= tau``.
+        perturbation: the universal additive perturbation (the data's feature shape), ``||v||_inf <= eps``.
+        fooling_rate: fraction of the training points whose prediction changes under the pair returned.
+        epochs: number of passes over the training data that were run.
+        history: training fooling rate after each epoch (the pair returned is the best of these).
+        max_displacement: the largest per-pixel displacement of ``flow``, in pixels (its size under
+            :class:`~bastion.threat.FlowThreat`).
+    """
+
+    flow: torch.Tensor
+    perturbation: torch.Tensor
+    fooling_rate: float
+    epochs: int
+    history: list[float]
+    max_displacement: float
+
+
+class GeneralizedUniversalPerturbation:
+    """Generalised universal adversarial perturbation, GUAP (Zhang, Ruan, Wang & Huang, ICDM 2020).
+
+    One spatial flow ``f`` and one additive perturbation ``v`` for a whole data set:
+
+        ``x_adv = clip(warp(x, f) + v)``
+
+    with ``warp`` the bilinear flow resampling of stAdv (:func:`bastion.threat.warp`), ``||v||_inf <= eps`` and
+    ``||f||_T <= tau`` (:func:`flow_norm`). As in the paper, both are produced from free variables by fixed maps
+    that meet the budgets by construction: ``v = eps · tanh(w)`` and ``f = tau · g / ||g||_T`` (the flow always uses
+    its whole budget), and the variables are trained with Adam (the paper's lr 0.01, ``beta1`` 0.5, batches of
+    100) to maximise the paper's fooling loss, the batch mean of ``log(1 + CE(model(x_adv), k(x)))`` with ``k(x)``
+    the model's clean prediction (the log damps points already fooled, so the update favours the others).
+    After each epoch the fooling rate on the training data is measured, and the best pair is returned, as in the
+    authors' code.
+
+    Difference from the paper: the paper produces ``(f, v)`` with a convolutional generator network fed with a fixed
+    noise image, sized for 28x28 / 32x32 / 224x224 inputs. A fixed input makes the generator a
+    reparametrisation of one pair ``(f, v)``; here the pair is optimised directly (through the same ``tanh`` and
+    flow normalisation), which works for any image size and needs no architecture. ``eps = 0`` gives a flow-only
+    and ``tau = 0`` an additive-only universal perturbation, the paper's two special cases.
+
+    Args:
+        eps: l∞ budget of the additive perturbation (the paper's 0.03 for CIFAR-10; >= 0).
+        tau: budget of the flow in ``||.||_T`` (the paper's 0.1 for CIFAR-10; >= 0, not both 0).
+        epochs: passes over the training data (the paper's 20).
+        lr: Adam's learning rate (0.01).
+        beta1: Adam's first-moment decay (0.5).
+        batch_size: points per gradient step (100).
+    """
+
+    def __init__(
+        self,
+        *,
+        eps: float = 0.03,
+        tau: float = 0.1,
+        epochs: int = 20,
+        lr: float = 0.01,
+        beta1: float = 0.5,
+        batch_size: int = 100,
+    ) -> None:
+        self.eps = positive_float("eps", eps, allow_zero=True)
+        self.tau = positive_float("tau", tau, allow_zero=True)
+        if self.eps == 0 and self.tau == 0:
+            raise InputError("eps and tau are both 0: give the additive (eps) or the flow (tau) budget room")
+        self.epochs = positive_int("epochs", epochs)
+        self.lr = positive_float("lr", lr)
+        if isinstance(beta1, bool) or not isinstance(beta1, (int, float)) or not 0 <= beta1 < 1:
+            raise InputError(f"beta1 must be a number in [0, 1), got {beta1!r}")
+        self.beta1 = float(beta1)
+        self.batch_size = positive_int("batch_size", batch_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"GeneralizedUniversalPerturbation(eps={self.eps!r}, tau={self.tau!r}, epochs={self.epochs!r}, "
+            f"lr={self.lr!r}, beta1={self.beta1!r}, batch_size={self.batch_size!r})"
+        )
+
+    @staticmethod
+    def _threat(data: Dataset) -> FlowThreat:
+        threat = FlowThreat(math.inf, domain=data.domain)
+        threat.check_images(data.x[:1])
+        return threat
+
+    def _flow(self, g: torch.Tensor) -> torch.Tensor:
+        if self.tau == 0:
+            return torch.zeros_like(g)
+        return g * (self.tau / flow_norm(g[None]).clamp_min(1e-12))
+
+    def apply(self, x: torch.Tensor, flow: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+        """``clip(warp(x, flow) + perturbation)`` for images ``x`` (N, C, H, W) or (N, H, W) in [0, 1]-like domains.
+
+        Only the shapes are checked here; :meth:`fooling_rate` checks the values and budgets.
+        """
+        images = x if x.dim() == 4 else x.unsqueeze(1)
+        return warp(images, flow[None]).reshape(x.shape) + perturbation
+
+    # ----------------------------------------------------------------------------------------------- training
+    def fit(
+        self, model: nn.Module, data: Dataset, *, seed: int = 0, progress: bool = True
+    ) -> GeneralizedUniversalResult:
+        """Learn a universal flow and additive perturbation on ``data``.
+
+        Args:
+            model: the classifier (kept in eval mode; its weights are not changed).
+            data: the training images (N, C, H, W) or (N, H, W); the model's predictions on them are the labels the
+                attack moves away from.
+            seed: seeds the flow's initial direction and the order of the points.
+            progress: show a progress bar over the epochs.
+
+        Returns:
+            A :class:`GeneralizedUniversalResult` with the best pair found and the fooling rate per epoch.
+        """
+        _check_model_and_data(model, data)
+        threat = self._threat(data)
+        device = model_device(model)
+        lo, hi = data.domain
+        shape = data.feature_shape
+        h, w = shape[-2:]
+        gen = torch.Generator().manual_seed(seed)
+        g = torch.randn((2, h, w), generator=gen, dtype=data.x.dtype).to(device).requires_grad_(True)
+        wv = torch.zeros(shape, dtype=data.x.dtype, device=device, requires_grad=True)
+        optimiser = torch.optim.Adam([g, wv], lr=self.lr, betas=(self.beta1, 0.999))
+        history: list[float] = []
+        best: tuple[float, torch.Tensor, torch.Tensor] = (-1.0, torch.zeros(0), torch.zeros(0))
+        with eval_mode(model):
+            clean = _predict(model, data, self.batch_size, None)
+            bar = tqdm(total=self.epochs, desc="guap", unit="epoch", disable=not progress, leave=False)
+            for epoch in range(self.epochs):
+                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 1 + epoch))
+                for idx, xb, _ in data.batches(self.batch_size, indices=order):
+                    xb, kb = xb.to(device), clean[idx.to(device)]
+                    with torch.enable_grad():
+                        x_adv = self.apply(xb, self._flow(g), self.eps * torch.tanh(wv)).clamp(lo, hi)
+                        fooling = torch.log1p(ce_loss(model(x_adv), kb)).mean()
+                        optimiser.zero_grad()
+                        (-fooling).backward()  # Adam minimises; the paper maximises the fooling loss
+                    optimiser.step()
+                with torch.no_grad():
+                    f, v = self._flow(g), self.eps * torch.tanh(wv)
+                rate = self._rate(model, data, threat, f, v, clean)
+                history.append(rate)
+                if rate > best[0]:
+                    best = (rate, f.detach().clone(), v.detach().clone())
+                bar.update(1)
+                bar.set_postfix(fooling_rate=f"{rate:.3f}")
+            bar.close()
+        rate, f, v = best
+        size = float(threat.flow_size(f[None])[0])
+        return GeneralizedUniversalResult(f, v, rate, len(history), history, size)
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def fooling_rate(self, model: nn.Module, data: Dataset, flow: torch.Tensor, perturbation: torch.Tensor) -> float:
+        """Fraction of ``data``'s points whose prediction on ``clip(warp(x, flow) + perturbation)`` changes.
+
+        Args:
+            model: the classifier.
+            data: held-out images (labels unused: the fooling rate compares predictions, as in the paper).
+            flow: a flow field (2, H, W), e.g. :attr:`GeneralizedUniversalResult.flow`.
+            perturbation: an additive perturbation of the data's feature shape.
+
+        Raises:
+            InputError: wrong shapes, NaN/Inf values, or a pair outside this attack's budgets.
+        """
+        _check_model_and_data(model, data)
+        threat = self._threat(data)
+        h, w = data.feature_shape[-2:]
+        for name, t, want in (("flow", flow, (2, h, w)), ("perturbation", perturbation, data.feature_shape)):
+            if not torch.is_tensor(t) or not t.is_floating_point() or tuple(t.shape) != want:
+                raise InputError(
+                    f"{name} must be a floating-point tensor of shape {want}, "
+                    f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"{name} contains NaN or Inf values")
+        if float(flow_norm(flow[None])[0]) > self.tau * (1 + 1e-4) + 1e-6:
+            raise InputError(f"flow has ||f||_T = {float(flow_norm(flow[None])[0]):.4g} > tau = {self.tau:g}")
+        if float(perturbation.abs().max()) > self.eps * (1 + 1e-5) + 1e-7:
+            raise InputError(f"perturbation has l-inf norm {float(perturbation.abs().max()):.4g} > eps = {self.eps:g}")
+        device = model_device(model)
+        f = flow.to(device=device, dtype=data.x.dtype)
+        v = perturbation.to(device=device, dtype=data.x.dtype)
+        with eval_mode(model):
+            clean = _predict(model, data, self.batch_size, None)
+            return self._rate(model, data, threat, f, v, clean)
+
+    def _rate(
+        self, model: nn.Module, data: Dataset, threat: FlowThreat, f: torch.Tensor, v: torch.Tensor, clean: torch.Tensor
+    ) -> float:
+        lo, hi = data.domain
+        preds = _predict(model, data, self.batch_size, lambda xb: (threat.apply(xb, f[None]) + v).clamp(lo, hi))
+        return float((preds != clean).sum()) / max(1, len(data))

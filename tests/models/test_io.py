@@ -127,7 +127,7 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path: Path) -> None:
         ("zoo:cnn", "zoo:NAME@PATH"),
         ("zoo:vgg@x.pt", "unknown architecture"),
         ("missing.pt2", "not found"),
-        ("model.onnx", "cannot interpret"),
+        ("model.onnx", "not found"),
         ("", "non-empty"),
         ("no_such_module_xyz:build", "not found"),
         ("missing_dir/file.py:build", "not found"),

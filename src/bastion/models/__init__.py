@@ -10,19 +10,23 @@ from __future__ import annotations
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
 from bastion.models.io import load_model, save_model
 from bastion.models.normalize import Normalize
+from bastion.models.onnx import OnnxRuntimeModel, load_onnx, onnx_input_shape
 from bastion.models.zoo import ZOO, build_model, cnn, mlp, resnet
 
 __all__ = [
     "ZOO",
     "Normalize",
+    "OnnxRuntimeModel",
     "build_model",
     "check_logits",
     "cnn",
     "eval_mode",
     "load_model",
+    "load_onnx",
     "mlp",
     "model_device",
     "model_fingerprint",
+    "onnx_input_shape",
     "resnet",
     "save_model",
 ]

@@ -9,6 +9,8 @@ A model is named by a *spec* string, the same on the command line and in the Pyt
     configuration inside) or a bare state dict (then ``input_shape`` and ``num_classes`` must be given).
 ``PATH.pt`` / ``PATH.pth``
     a file written by :func:`save_model`.
+``PATH.onnx``
+    an ONNX classifier, converted by :func:`bastion.models.onnx.load_onnx` (checked against onnxruntime).
 ``package.module:factory`` or ``path/to/file.py:factory``
     a function called with no arguments that returns an ``nn.Module``.
 
@@ -45,9 +47,9 @@ FORMAT = "bastion-model"
 VERSION = 1
 
 _SPEC_FORMS = (
-    "PATH.pt2 (torch.export program), zoo:NAME@PATH (zoo architecture + weights), PATH.pt / PATH.pth (file "
-    "written by bastion.models.save_model), package.module:factory or path/to/file.py:factory (function "
-    "returning an nn.Module)"
+    "PATH.pt2 (torch.export program), PATH.onnx (ONNX classifier), zoo:NAME@PATH (zoo architecture + weights), "
+    "PATH.pt / PATH.pth (file written by bastion.models.save_model), package.module:factory or "
+    "path/to/file.py:factory (function returning an nn.Module)"
 )
 _MAX_DETAIL = 1200
 
@@ -464,6 +466,12 @@ def load_model(
             _dry_run(spec, model, shape, num_classes)
     elif suffix in (".pt", ".pth"):
         model = _load_zoo(spec, None, Path(spec), input_shape, num_classes)
+    elif suffix == ".onnx":
+        from bastion.models.onnx import load_onnx, onnx_input_shape
+
+        model = load_onnx(spec)
+        if input_shape is not None or num_classes is not None:
+            _dry_run(spec, model, input_shape if input_shape is not None else onnx_input_shape(spec), num_classes)
     elif ":" in spec and _is_identifier_path(spec.rpartition(":")[2]) and spec.rpartition(":")[0]:
         target, _, attr = spec.rpartition(":")
         model = _load_entry_point(spec, target, attr)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from bastion.report.plots import plot_robust_accuracy
+from bastion.report.plots import plot_certified_accuracy, plot_robust_accuracy
 
-__all__ = ["plot_robust_accuracy"]
+__all__ = ["plot_certified_accuracy", "plot_robust_accuracy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bastion.errors import InputError
@@ -56,6 +57,60 @@ def plot_robust_accuracy(result: EvaluationResult, path: str | Path, *, title: s
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or f"Robust accuracy (n = {result.n})")
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_certified_accuracy(
+    radii: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Plot certified accuracy against the l2 radius (randomized smoothing; Cohen et al., ICML 2019, Figure 6).
+
+    Args:
+        radii: the radii at which every curve was evaluated (see
+            :func:`bastion.defenses.smoothing.certified_accuracy`).
+        curves: one curve per label (e.g. ``{"sigma = 0.25": [...], "sigma = 0.5": [...]}``), fractions in [0, 1],
+            one value per radius.
+        path: where to write the figure (the format follows the suffix, e.g. ``.png``).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    xs = [float(r) for r in radii]
+    if not xs:
+        raise InputError("radii: give at least one radius")
+    if not curves:
+        raise InputError("curves: give at least one curve")
+    for label, acc in curves.items():
+        if len(acc) != len(xs):
+            raise InputError(f"curve {label!r} has {len(acc)} values but there are {len(xs)} radii")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, acc in curves.items():
+        # certified accuracy is a step function of the radius: constant until the next certified radius
+        ax.step(xs, [100 * float(a) for a in acc], where="post", marker="o", markersize=3, label=label)
+    ax.set_xlabel("l2 radius")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Certified accuracy (randomized smoothing)")
     fig.tight_layout()
     out = Path(path)
     try:

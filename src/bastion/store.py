@@ -18,6 +18,10 @@ Schema (version :data:`SCHEMA_VERSION`)::
     samples(run_id -> runs, threat, idx, label, clean_pred, status, adv_distance, certified, attack, seconds,
             PRIMARY KEY (run_id, threat, idx))
     warnings(id, run_id -> runs, code, message, created, UNIQUE (run_id, code, message))
+    training_epochs(run_id -> runs, epoch, metrics JSON, seconds, created, PRIMARY KEY (run_id, epoch))
+
+Version history: 1 had no ``training_epochs``; a version-1 file is upgraded in place when opened (the change only
+adds a table, so nothing written by version 1 is touched).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from bastion.results import SampleRecord
 
 __all__ = ["SCHEMA_VERSION", "RunInfo", "Store", "run_key"]
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
+
+#: Older schema versions that :class:`Store` upgrades in place, with the statements that do it.
+_MIGRATIONS: dict[int, str] = {}
 
 # Long enough to wait out another process's batch commit (or a checkpoint) on a slow disk, short enough that a
 # store held by a hung process is reported rather than waited on forever.
@@ -90,6 +97,26 @@ CREATE TABLE IF NOT EXISTS warnings (
     UNIQUE (run_id, code, message)
 );
 CREATE INDEX IF NOT EXISTS warnings_run ON warnings(run_id);
+CREATE TABLE IF NOT EXISTS training_epochs (
+    run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE,
+    epoch INTEGER,
+    metrics TEXT,
+    seconds REAL,
+    created REAL,
+    PRIMARY KEY (run_id, epoch)
+);
+"""
+
+# version 1 -> 2: per-epoch metrics of training runs (an added table; existing rows are untouched)
+_MIGRATIONS[1] = """
+CREATE TABLE IF NOT EXISTS training_epochs (
+    run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE,
+    epoch INTEGER,
+    metrics TEXT,
+    seconds REAL,
+    created REAL,
+    PRIMARY KEY (run_id, epoch)
+);
 """
 
 _RUN_COLUMNS = (
@@ -292,6 +319,8 @@ class Store:
             # NORMAL is durable across process crashes in WAL mode (only a power loss can drop the last
             # commits), and spares an fsync per batch.
             conn.execute("PRAGMA synchronous = NORMAL")
+            if found is not None and found != SCHEMA_VERSION:
+                self._migrate(conn)
             if found is None:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -322,6 +351,24 @@ class Store:
                 f"{SCHEMA_VERSION}; SQLite says: {exc}); use another --store path"
             ) from exc
 
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Upgrade an older schema in place, one version at a time, each step in its own transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # re-read under the write lock: another process may have upgraded the file meanwhile
+            version = int(dict(conn.execute("SELECT key, value FROM meta").fetchall())["schema_version"])
+            while version != SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                version += 1
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     def _schema_version(self, conn: sqlite3.Connection) -> int | None:
         """The schema version of the file, ``None`` for an empty database; StoreError for anything else."""
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -343,7 +390,7 @@ class Store:
                 f"{self.path} is not a bastion result store (schema_version found: {raw!r}, expected "
                 f"{SCHEMA_VERSION}); use another --store path"
             )
-        if found != SCHEMA_VERSION:
+        if found != SCHEMA_VERSION and found not in _MIGRATIONS:
             written_by = meta.get("bastion_version", "unknown")
             raise StoreError(
                 f"the result store {self.path} has schema version {found} (written by bastion "
@@ -694,3 +741,41 @@ class Store:
         """The run's warnings as ``(code, message)`` in the order they were first added."""
         rows = self._read("SELECT code, message FROM warnings WHERE run_id = ? ORDER BY id", (run_id,))
         return [(r[0], r[1]) for r in rows]
+
+    # -- training epochs -------------------------------------------------------------------------------------
+
+    def write_epoch(self, run_id: int, epoch: int, metrics: dict[str, Any], *, seconds: float = 0.0) -> None:
+        """Store the metrics of one training epoch (replacing that epoch's row if a resumed run repeats it).
+
+        Args:
+            run_id: id of the training run.
+            epoch: the epoch number (0-based).
+            metrics: JSON-compatible metrics (loss, accuracy, validation robust accuracy, learning rate, ...).
+            seconds: wall time of the epoch, added to the run's accumulated seconds.
+
+        Raises:
+            StoreError: there is no such run, or a metric is not JSON.
+        """
+        metrics_json = _dumps(metrics, "metrics")
+        seconds = float(seconds)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise StoreError(f"seconds must be a finite number >= 0, got {seconds}")
+        with self._write() as conn:
+            now = time.time()
+            cursor = conn.execute(
+                "UPDATE runs SET seconds = COALESCE(seconds, 0) + ?, updated = ? WHERE id = ?", (seconds, now, run_id)
+            )
+            if cursor.rowcount == 0:
+                raise self._missing(run_id)
+            conn.execute(
+                "INSERT OR REPLACE INTO training_epochs(run_id, epoch, metrics, seconds, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, int(epoch), metrics_json, seconds, now),
+            )
+
+    def epochs(self, run_id: int) -> list[dict[str, Any]]:
+        """The stored per-epoch metrics of a training run, in epoch order, each with its ``epoch`` and ``seconds``."""
+        rows = self._read(
+            "SELECT epoch, metrics, seconds FROM training_epochs WHERE run_id = ? ORDER BY epoch", (run_id,)
+        )
+        return [{**json.loads(r[1]), "epoch": int(r[0]), "seconds": float(r[2] or 0.0)} for r in rows]

@@ -52,6 +52,17 @@ def canonical_norm(norm: str | float | int) -> str:
     return _NORM_ALIASES[key]
 
 
+def check_domain(domain: object) -> tuple[float, float]:
+    """``domain`` as a pair of floats ``(lo, hi)`` with ``lo < hi``, both finite, or an InputError saying why not."""
+    try:
+        lo, hi = (float(v) for v in domain)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise InputError(f"domain must be a pair (lo, hi) of numbers, got {domain!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise InputError(f"domain must satisfy lo < hi with finite bounds, got {domain!r}")
+    return lo, hi
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
@@ -144,13 +155,7 @@ class LpBall(ThreatModel):
         if self.norm == "l0" and math.isfinite(eps) and not eps.is_integer():
             raise InputError(f"for the l0 threat model eps counts changed features and must be an integer, got {eps}")
         object.__setattr__(self, "eps", eps)
-        try:
-            lo, hi = (float(v) for v in self.domain)
-        except (TypeError, ValueError):
-            raise InputError(f"domain must be a pair (lo, hi) of numbers, got {self.domain!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise InputError(f"domain must satisfy lo < hi with finite bounds, got {self.domain!r}")
-        object.__setattr__(self, "domain", (lo, hi))
+        object.__setattr__(self, "domain", check_domain(self.domain))
         if not 0.0 < self.l1_sparsity <= 1.0:
             raise InputError(f"l1_sparsity must be in (0, 1], got {self.l1_sparsity!r}")
 
@@ -443,13 +448,7 @@ class FlowThreat(ThreatModel):
         if math.isnan(eps) or eps < 0:
             raise InputError(f"the flow budget eps must be >= 0 pixels, got {self.eps!r}")
         object.__setattr__(self, "eps", eps)
-        try:
-            lo, hi = (float(v) for v in self.domain)
-        except (TypeError, ValueError):
-            raise InputError(f"domain must be a pair (lo, hi) of numbers, got {self.domain!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise InputError(f"domain must satisfy lo < hi with finite bounds, got {self.domain!r}")
-        object.__setattr__(self, "domain", (lo, hi))
+        object.__setattr__(self, "domain", check_domain(self.domain))
 
     @property
     def key(self) -> str:

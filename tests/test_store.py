@@ -11,13 +11,15 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from bastion.errors import StoreError
+from bastion.errors import InputError, StoreError
 from bastion.results import SampleRecord
-from bastion.store import SCHEMA_VERSION, RunInfo, Store, run_key
+from bastion.store import SCHEMA_VERSION, RunInfo, RunSession, Store, resumable_run, run_key
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -449,3 +451,128 @@ def test_kill_during_writes_then_resume(db: Path) -> None:
         rows = {(r.threat, r.index) for r in store.records(resumed.id)}
         assert rows == {(t, i) for t in threats for i in range(total)}
         assert store.run(resumed.id).n_records == 2 * total
+
+
+# -- resumable_run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Result:
+    run_id: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"ok": True, "run_id": self.run_id}
+
+
+def _session(
+    store: object, payload: dict | None = None, calls: list | None = None, **kw: object
+) -> AbstractContextManager[RunSession]:
+    def fingerprints() -> tuple[str, str]:
+        if calls is not None:
+            calls.append(1)
+        return "m", "d"
+
+    args: dict = {"kind": "evaluate", "payload": payload or {"eps": 0.1}, "n_samples": 6, "threats": ["a", "b"]}
+    args.update(kw)
+    return resumable_run(store, fingerprints=fingerprints, **args)  # type: ignore[arg-type]
+
+
+def test_resumable_run_key_config_and_resume(db: Path) -> None:
+    with _session(db, config={"batch_size": 2, "odd": {1, 2}}) as run:
+        assert not run.resumed and run.done == set() and run.todo(4) == [0, 1, 2, 3]
+        # a sample is done only once it has a record for every threat of the job
+        run.write([_rec(0, "a"), _rec(0, "b"), _rec(1, "a")], seconds=1.5)
+        run.warn("w", "careful")
+        run.warn("w", "careful")
+    with Store(db) as store:
+        (info,) = store.runs()
+        # the key is run_key of kind, fingerprints and payload: what any session of the same job derives
+        assert info.key == run_key({"kind": "evaluate", "model": "m", "data": "d", "eps": 0.1})
+        assert info.status == "running" and info.seconds == pytest.approx(1.5)
+        assert info.config == {
+            "kind": "evaluate",
+            "model": "m",
+            "data": "d",
+            "eps": 0.1,
+            "batch_size": 2,
+            "odd": "{1, 2}",
+        }
+        assert store.warnings(info.id) == [("w", "careful")]
+    with _session(db) as run:
+        assert run.resumed and run.run_id == info.id
+        assert run.done == {0} and run.todo(range(3, -1, -1)) == [3, 2, 1]
+        run.write([_rec(1, "b")], seconds=0.5)
+        assert [r.index for r in run.records("a")] == [0, 1] and len(run.records()) == 4
+        result = _Result()
+        assert run.finish(result, started=time.perf_counter() - 3.0) is result
+        assert result.run_id == info.id and 3.0 <= result.seconds < 60
+    with Store(db) as store:
+        (info,) = store.runs()
+        assert info.status == "complete" and info.seconds == pytest.approx(2.0)
+        assert info.summary == {"ok": True, "run_id": info.id}
+    with _session(db, payload={"eps": 0.2}) as run:  # another job: another run
+        assert not run.resumed and run.done == set()
+
+
+def test_resumable_run_without_store_keeps_records_in_memory() -> None:
+    calls: list = []
+    with _session(None, calls=calls) as run:
+        assert run.run_id is None and run.done == set() and run.todo(2) == [0, 1]
+        run.write([_rec(1, "b"), _rec(0, "a")], seconds=1.0)
+        run.warn("w", "ignored")
+        result = run.finish(_Result(), started=time.perf_counter())
+        assert result.run_id is None and result.seconds >= 0
+        assert [(r.index, r.threat) for r in run.records()] == [(1, "b"), (0, "a")]
+        assert [r.index for r in run.records("a")] == [0]
+    assert calls == []  # fingerprints are not computed without a store
+
+
+def test_resumable_run_borrows_a_store_and_closes_an_opened_one(db: Path) -> None:
+    with Store(db) as store:
+        with _session(store) as run:
+            assert run.store is store
+        assert store.runs()[0].n_records == 0  # still open after the block
+    with pytest.raises(RuntimeError):
+        with _session(db) as run:
+            opened = run.store
+            raise RuntimeError("crash inside the block")
+    assert opened is not None
+    with pytest.raises(StoreError, match="closed"):
+        opened.runs()
+
+
+def test_resumable_run_refuses_bad_stores(db: Path) -> None:
+    with pytest.raises(InputError, match="store must be a Store, a path or None, got float"):
+        with _session(3.5):
+            pass
+    with _session(db):
+        pass
+    # the same key for another job (here another sample count) is refused, and the opened store is closed again
+    with pytest.raises(StoreError, match="belongs to another job"):
+        with _session(db, n_samples=7):
+            pass
+
+
+def test_resumable_run_batches_skip_done_samples_and_time_each_batch(db: Path) -> None:
+    import torch
+
+    from bastion.data import Dataset
+
+    data = Dataset(torch.rand(7, 2), torch.arange(7) % 2, num_classes=2, name="t")
+    with _session(db, n_samples=7, threats=["a"]) as run:
+        run.write([_rec(i, "a") for i in (1, 4)], seconds=0.0)
+    with _session(db, n_samples=7, threats=["a"]) as run:
+        assert run.done == {1, 4}
+        seen = []
+        for idx, x, y in run.batches(data, 2, desc="test", progress=False):
+            assert torch.equal(x, data.x[idx]) and torch.equal(y, data.y[idx])
+            seen.append(idx.tolist())
+            time.sleep(0.01)
+            run.write([_rec(i, "a") for i in idx.tolist()])  # seconds: since the batch was handed out
+        assert seen == [[0, 2], [3, 5], [6]]
+        assert run.done == {1, 4}  # the done set of the session's start
+        with pytest.raises(InputError, match="seconds"):
+            run.write([_rec(0, "a")])  # outside the loop the time must be given
+        info = run.store.run(run.run_id)  # type: ignore[union-attr,arg-type]
+        assert info.n_records == 7 and 0.03 <= info.seconds < 5

@@ -17,11 +17,15 @@ from bastion.evaluate import EvaluationResult, evaluate
 from bastion.results import AttackResult, Criterion, SampleRecord
 from bastion.store import Store
 from bastion.threat import FlowThreat, LpBall, ThreatModel
+from bastion.verify.assess import AssessResult, assess
+from bastion.verify.certify import CertifyResult, certify
 
 __all__ = [
+    "AssessResult",
     "AttackResult",
     "BastionError",
     "BastionWarning",
+    "CertifyResult",
     "Criterion",
     "Dataset",
     "EvaluationResult",
@@ -32,6 +36,8 @@ __all__ = [
     "Store",
     "ThreatModel",
     "__version__",
+    "assess",
+    "certify",
     "evaluate",
     "load_data",
 ]

@@ -18,7 +18,6 @@ done, and the summary is always recomputed from the stored records, so nothing i
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bastion.attacks.base import Attack
 from bastion.attacks.presets import preset
@@ -37,7 +35,7 @@ from bastion.errors import InputError
 from bastion.masking import Finding, posthoc, preflight, unbounded_check
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
 from bastion.results import SampleRecord
-from bastion.store import Store, run_key
+from bastion.store import Store, resumable_run
 from bastion.threat import FlowThreat, LpBall, ThreatModel
 
 CLEAN = "clean"  # the 'attack' name of samples the model already gets wrong
@@ -224,52 +222,25 @@ def evaluate(
     names = attack_names(attack_list)
     n = len(data)
 
-    db = store if store is None or isinstance(store, Store) else Store(store)
-    owned = db is not None and db is not store
-    run_id: int | None = None
-    done: set[int] = set()
-    try:
-        if db is not None:
-            model_fp, data_fp = model_fingerprint(model), data.fingerprint()
-            payload = {
-                "kind": "evaluate",
-                "model": model_fp,
-                "data": data_fp,
-                "threats": keys,
-                "attacks": [repr(a) for a in attack_list],
-                "seed": seed,
-            }
-            run_cfg = {**payload, "attack_names": names, "batch_size": batch_size, **(config or {})}
-            run, _ = db.open_run(
-                kind="evaluate", key=run_key(payload), config=_jsonable(run_cfg),
-                model_fp=model_fp, data_fp=data_fp, n_samples=n,
-            )  # fmt: skip
-            run_id = run.id
-            done = db.done_indices(run.id, keys)
-        todo = torch.tensor([i for i in range(n) if i not in done], dtype=torch.long)
-        records: list[SampleRecord] = []
+    payload = {"threats": keys, "attacks": [repr(a) for a in attack_list], "seed": seed}
+    with resumable_run(
+        store, kind="evaluate", payload=payload, fingerprints=lambda: (model_fingerprint(model), data.fingerprint()),
+        n_samples=n, threats=keys, config={"attack_names": names, "batch_size": batch_size, **(config or {})},
+    ) as run:  # fmt: skip
         device = model_device(model)
         findings: list[Finding] = []
         if checks:
             probe = data.subset(slice(0, 64))
             findings += preflight(model, probe.x.to(device), probe.y.to(device))
-        bar = tqdm(total=n, initial=n - len(todo), desc="evaluate", unit="sample", disable=not progress, leave=False)
         with eval_mode(model):
-            for idx, xb, yb in data.batches(batch_size, indices=todo):
-                t0 = time.perf_counter()
-                batch_records = _evaluate_batch(
-                    model, xb.to(device), yb.to(device), idx, threat_list, attack_list, names,
-                    seed=seed * 1_000_003 + int(idx[0]),
+            for idx, xb, yb in run.batches(data, batch_size, desc="evaluate", progress=progress, leave=False):
+                run.write(
+                    _evaluate_batch(
+                        model, xb.to(device), yb.to(device), idx, threat_list, attack_list, names,
+                        seed=seed * 1_000_003 + int(idx[0]),
+                    )
                 )  # fmt: skip
-                if db is not None and run_id is not None:
-                    db.write_records(run_id, batch_records, seconds=time.perf_counter() - t0)
-                else:
-                    records.extend(batch_records)
-                bar.update(len(idx))
-        bar.close()
-        if db is not None and run_id is not None:
-            records = db.records(run_id)
-        result = summarize(records, keys, names, n)
+        result = summarize(run.records(), keys, names, n)
         if checks:
             findings += posthoc(result, attack_list, threat_list)
             probe = data.subset(slice(0, 32))
@@ -277,21 +248,9 @@ def evaluate(
                 findings += unbounded_check(model, probe.x.to(device), probe.y.to(device), family[-1])
         for finding in findings:
             finding.warn()
-            if db is not None and run_id is not None:
-                db.add_warning(run_id, finding.code, finding.message)
+            run.warn(finding.code, finding.message)
         result.warnings = [(f.code, f.message) for f in findings]
-        result.run_id = run_id
-        result.seconds = time.perf_counter() - t_start
-        if db is not None and run_id is not None:
-            db.finish_run(run_id, result.to_dict())
-        return result
-    finally:
-        if owned and db is not None:
-            db.close()
-
-
-def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(cfg, default=str))
+        return run.finish(result, started=t_start)
 
 
 def _evaluate_batch(

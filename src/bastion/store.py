@@ -20,6 +20,10 @@ Schema (version :data:`SCHEMA_VERSION`)::
     warnings(id, run_id -> runs, code, message, created, UNIQUE (run_id, code, message))
     training_epochs(run_id -> runs, epoch, metrics JSON, seconds, created, PRIMARY KEY (run_id, epoch))
 
+:func:`resumable_run` wraps the usual life of a resumable job (open or borrow a store, find or create the run,
+skip what is done, write batch by batch, summarise from the stored records, mark the run complete) in one context
+manager; it works the same without a store, keeping the records in memory.
+
 Version history: 1 had no ``training_epochs``; a version-1 file is upgraded in place when opened (the change only
 adds a table, so nothing written by version 1 is touched).
 """
@@ -36,15 +40,20 @@ import os
 import platform
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from bastion.errors import StoreError
+from bastion.errors import InputError, StoreError
 from bastion.results import SampleRecord
 
-__all__ = ["SCHEMA_VERSION", "RunInfo", "Store", "run_key"]
+if TYPE_CHECKING:
+    import torch
+
+    from bastion.data import Dataset
+
+__all__ = ["SCHEMA_VERSION", "RunInfo", "RunSession", "Store", "resumable_run", "run_key"]
 
 SCHEMA_VERSION: int = 2
 
@@ -54,6 +63,18 @@ _MIGRATIONS: dict[int, str] = {}
 # Long enough to wait out another process's batch commit (or a checkpoint) on a slow disk, short enough that a
 # store held by a hung process is reported rather than waited on forever.
 _BUSY_TIMEOUT_MS = 30_000
+
+# Added in schema version 2: created with a new store, and by the migration of a version-1 one.
+_EPOCHS_TABLE = """
+CREATE TABLE IF NOT EXISTS training_epochs (
+    run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE,
+    epoch INTEGER,
+    metrics TEXT,
+    seconds REAL,
+    created REAL,
+    PRIMARY KEY (run_id, epoch)
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -97,27 +118,11 @@ CREATE TABLE IF NOT EXISTS warnings (
     UNIQUE (run_id, code, message)
 );
 CREATE INDEX IF NOT EXISTS warnings_run ON warnings(run_id);
-CREATE TABLE IF NOT EXISTS training_epochs (
-    run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE,
-    epoch INTEGER,
-    metrics TEXT,
-    seconds REAL,
-    created REAL,
-    PRIMARY KEY (run_id, epoch)
-);
 """
+_SCHEMA += _EPOCHS_TABLE
 
 # version 1 -> 2: per-epoch metrics of training runs (an added table; existing rows are untouched)
-_MIGRATIONS[1] = """
-CREATE TABLE IF NOT EXISTS training_epochs (
-    run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE,
-    epoch INTEGER,
-    metrics TEXT,
-    seconds REAL,
-    created REAL,
-    PRIMARY KEY (run_id, epoch)
-);
-"""
+_MIGRATIONS[1] = _EPOCHS_TABLE
 
 _RUN_COLUMNS = (
     "id, key, kind, status, created, updated, seconds, n_samples, model_fp, data_fp, config, versions, "
@@ -779,3 +784,182 @@ class Store:
             "SELECT epoch, metrics, seconds FROM training_epochs WHERE run_id = ? ORDER BY epoch", (run_id,)
         )
         return [{**json.loads(r[1]), "epoch": int(r[0]), "seconds": float(r[2] or 0.0)} for r in rows]
+
+
+# -- resumable jobs ----------------------------------------------------------------------------------------------
+
+
+class _Summarised(Protocol):
+    """What :meth:`RunSession.finish` needs of a job's result (EvaluationResult, CertifyResult, ...)."""
+
+    run_id: int | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+_Result = TypeVar("_Result", bound=_Summarised)
+
+
+class RunSession:
+    """One session of a resumable job, as handed out by :func:`resumable_run`.
+
+    With a store, records go to the store batch by batch and are read back from it (so a resumed job sees the
+    records of earlier sessions too); without one, they are kept in memory, :meth:`warn` does nothing and
+    :meth:`finish` only stamps the result.
+
+    Attributes:
+        store: the open store, or ``None``.
+        run_id: id of the run in the store, or ``None`` without a store.
+        resumed: the run existed before this session.
+        done: indices of the samples with a record for every threat of the job (nothing left to do for them).
+    """
+
+    def __init__(self, store: Store | None, run: RunInfo | None, threats: Sequence[str], resumed: bool) -> None:
+        self.store = store
+        self.run_id = run.id if run is not None else None
+        self.resumed = resumed
+        self.done: set[int] = set() if store is None or run is None else store.done_indices(run.id, threats)
+        self._kept: list[SampleRecord] = []
+        self._batch_start: float | None = None
+
+    def todo(self, positions: int | Iterable[int]) -> list[int]:
+        """The positions still to do, in order: ``range(positions)`` for an int, else the positions given."""
+        span = range(positions) if isinstance(positions, int) else positions
+        return [i for i in span if i not in self.done]
+
+    def batches(
+        self, data: Dataset, batch_size: int, *, desc: str, progress: bool = True, leave: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The samples not done yet, in order, as :meth:`Dataset.batches <bastion.data.Dataset.batches>` yields them.
+
+        A tqdm bar (started at the samples done in earlier sessions) advances after each batch; :meth:`write`
+        without ``seconds`` counts the time from the moment its batch was handed out.
+
+        Args:
+            data: the job's data set.
+            batch_size: samples per batch.
+            desc: label of the progress bar.
+            progress: show the bar.
+            leave: keep the bar on screen once finished.
+        """
+        from tqdm.auto import tqdm  # here, so that reading a store (``bastion runs``, reports) never loads it
+
+        n = len(data)
+        todo = self.todo(n)
+        with tqdm(total=n, initial=n - len(todo), desc=desc, unit="sample", disable=not progress, leave=leave) as bar:
+            for idx, x, y in data.batches(batch_size, indices=todo):
+                self._batch_start = time.perf_counter()
+                yield idx, x, y
+                bar.update(len(idx))
+        self._batch_start = None
+
+    def write(self, records: Sequence[SampleRecord], *, seconds: float | None = None) -> None:
+        """Store one batch of records and its work time in one transaction (or keep them, without a store).
+
+        Args:
+            records: the batch's records.
+            seconds: work time of the batch; by default the time since :meth:`batches` handed the batch out.
+        """
+        if seconds is None:
+            if self._batch_start is None:
+                raise InputError("RunSession.write needs seconds= outside a RunSession.batches loop")
+            seconds = time.perf_counter() - self._batch_start
+        if self.store is not None and self.run_id is not None:
+            self.store.write_records(self.run_id, records, seconds=seconds)
+        else:
+            self._kept.extend(records)
+
+    def records(self, threat: str | None = None) -> list[SampleRecord]:
+        """All the job's records (of every session with a store), optionally for one threat only."""
+        if self.store is not None and self.run_id is not None:
+            return self.store.records(self.run_id, threat)
+        return [r for r in self._kept if threat is None or r.threat == threat]
+
+    def warn(self, code: str, message: str) -> None:
+        """Store a warning with the run (once); nothing without a store."""
+        if self.store is not None and self.run_id is not None:
+            self.store.add_warning(self.run_id, code, message)
+
+    def finish(self, result: _Result, *, started: float) -> _Result:
+        """Complete the job: stamp ``result`` with the run's id and its time, and store its summary.
+
+        Args:
+            result: the job's result (``run_id`` and ``seconds`` are set here; ``to_dict()`` is the run's summary).
+            started: :func:`time.perf_counter` at the start of the call; ``result.seconds`` is the time since.
+
+        Returns:
+            ``result``. The run is marked complete in the store, if there is one.
+        """
+        result.run_id = self.run_id
+        result.seconds = time.perf_counter() - started
+        if self.store is not None and self.run_id is not None:
+            self.store.finish_run(self.run_id, result.to_dict())
+        return result
+
+
+@contextlib.contextmanager
+def resumable_run(
+    store: Store | str | os.PathLike[str] | None,
+    *,
+    kind: str,
+    payload: dict[str, Any],
+    fingerprints: Callable[[], tuple[str, str]],
+    n_samples: int,
+    threats: Sequence[str],
+    config: dict[str, Any] | None = None,
+) -> Iterator[RunSession]:
+    """Open (or borrow) a store, find or create the job's run and hand out a :class:`RunSession` for it.
+
+    The run's key is :func:`run_key` of ``{"kind": kind, "model": model_fp, "data": data_fp, **payload}``, so
+    the same job (same model, data and defining payload) finds its run again in any session and resumes it. The
+    stored configuration is that key payload followed by ``config``, with values JSON cannot hold written as
+    their ``str()``. A store given as a path is opened here and closed on leaving the block; a :class:`Store`
+    object is borrowed and left open.
+
+    Args:
+        store: a :class:`Store`, a path to one, or ``None`` (records are then kept in memory only).
+        kind: what produces the run (``"evaluate"``, ``"certify"``, ...).
+        payload: what defines the job besides the kind, model and data (threats, method, seed, ...); JSON values.
+        fingerprints: returns ``(model_fp, data_fp)``; called only with a store, as fingerprints cost a pass
+            over the model's weights and the data.
+        n_samples: number of samples the job covers.
+        threats: threat keys each sample gets a record for (a sample is done when it has all of them).
+        config: extra information stored with the run, not part of its key (batch size, CLI specs, ...).
+
+    Yields:
+        The session: ``done``, ``todo(...)``, ``batches(...)``, ``write(...)``, ``records(...)``, ``warn(...)``,
+        ``finish(...)``.
+
+    Raises:
+        InputError: ``store`` is neither a Store, a path nor ``None``.
+        StoreError: the store cannot be opened, or its run with this key belongs to another job.
+
+    Example::
+
+        started = time.perf_counter()
+        with resumable_run(path, kind="certify", payload={"threat": key}, fingerprints=fps, n_samples=n,
+                           threats=[key]) as run:
+            for idx, x, y in run.batches(data, 64, desc="certify"):
+                run.write(certify_batch(x, y, idx))  # one transaction; seconds counted from the batch's start
+            return run.finish(summarize(run.records(key)), started=started)
+    """
+    if store is None:
+        yield RunSession(None, None, threats, False)
+        return
+    if not isinstance(store, (Store, str, os.PathLike)):
+        raise InputError(f"store must be a Store, a path or None, got {type(store).__name__}")
+    db = store if isinstance(store, Store) else Store(store)
+    try:
+        model_fp, data_fp = fingerprints()
+        key_payload = {"kind": kind, "model": model_fp, "data": data_fp, **payload}
+        # str() for what JSON cannot hold: the config is for reading, not for the key, so it must never fail a job
+        run_config = json.loads(json.dumps({**key_payload, **(config or {})}, default=str))
+        run, resumed = db.open_run(
+            kind=kind, key=run_key(key_payload), config=run_config, model_fp=model_fp, data_fp=data_fp,
+            n_samples=n_samples,
+        )  # fmt: skip
+        yield RunSession(db, run, threats, resumed)
+    finally:
+        if db is not store:
+            db.close()

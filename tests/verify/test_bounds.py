@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -12,63 +10,20 @@ from bastion.errors import InputError
 from bastion.models import zoo
 from bastion.models.normalize import Normalize
 from bastion.verify.bounds import BoundOptions, BoundResult, compute_bounds, robustness_spec
+from bastion.verify.crown import _onehot_step, select_rows
 from bastion.verify.ir import Network
-from bastion.verify.ops import LeakyReLUOp, ReLUOp, SigmoidOp, TanhOp
+from bastion.verify.ops import Conv2dOp, LeakyReLUOp, ReLUOp, SigmoidOp, TanhOp
 
-METHODS = ["ibp", "crown", "deeppoly", "alpha-crown"]
+from .nets import act, assert_contains, box_samples, random_box, random_fc, randomise, spec_values
+
+METHODS = ["ibp", "crown", "deeppoly", "alpha-crown", "crown-ibp"]
 FAST = BoundOptions(alpha_steps=5)
 TOL = 1e-7
 
 
-def _act(kind: str, g: torch.Generator) -> nn.Module:
-    if kind == "relu":
-        return nn.ReLU()
-    if kind == "leaky":
-        return nn.LeakyReLU(float(torch.rand(1, generator=g)) * 1.5 - 0.5)  # slopes in [-0.5, 1]
-    if kind == "sigmoid":
-        return nn.Sigmoid()
-    return nn.Tanh()
-
-
-def _randomise(model: nn.Module, g: torch.Generator) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.8)
-            if m.bias is not None:
-                m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            assert m.running_mean is not None and m.running_var is not None
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.double().eval()
-
-
-class _Residual(nn.Module):
-    def __init__(self, width: int, act: nn.Module) -> None:
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(width, width), act, nn.Linear(width, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x) + x
-
-
 def _random_fc(seed: int, kind: str) -> tuple[nn.Module, tuple[int, ...]]:
-    g = torch.Generator().manual_seed(seed)
-    d = int(torch.randint(2, 6, (1,), generator=g))
-    layers: list[nn.Module] = []
-    width = d
-    for i in range(int(torch.randint(1, 4, (1,), generator=g))):
-        w = int(torch.randint(3, 9, (1,), generator=g))
-        layers.append(nn.Linear(width, w))
-        if seed % 3 == 0 and i == 0:
-            layers.append(nn.BatchNorm1d(w))
-        layers.append(_act(kind, g))
-        width = w
-    if seed % 2 == 0:
-        layers.append(_Residual(width, _act(kind, g)))
-        layers.append(_act(kind, g))
-    layers.append(nn.Linear(width, 3))
-    return _randomise(nn.Sequential(*layers), g), (d,)
+    """Random fully connected networks whose batch norm follows a linear layer (folded by the IR)."""
+    return random_fc(seed, kind, foldable_bn=True)
 
 
 def _random_conv(seed: int, kind: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -81,10 +36,10 @@ def _random_conv(seed: int, kind: str) -> tuple[nn.Module, tuple[int, ...]]:
         nn.Conv2d(c, 3, 3, stride=stride, padding=seed % 2),
     ]
     if seed % 3 == 0:
-        layers += [_act(kind, g), nn.BatchNorm2d(3)]  # not foldable: after the activation
+        layers += [act(kind, g), nn.BatchNorm2d(3)]  # not foldable: after the activation
     else:
         layers += [nn.BatchNorm2d(3)]
-    layers.append(_act(kind, g))
+    layers.append(act(kind, g))
     pool = seed % 3
     if pool == 1:
         layers.append(nn.MaxPool2d(2, stride=1 + seed % 2, padding=seed % 2 if seed % 4 == 1 else 0))
@@ -95,42 +50,16 @@ def _random_conv(seed: int, kind: str) -> tuple[nn.Module, tuple[int, ...]]:
     with torch.no_grad():
         flat = model.double().eval()(torch.zeros(1, c, hw, hw, dtype=torch.float64)).shape[1]
     model.append(nn.Linear(flat, 4))
-    return _randomise(model, g), (c, hw, hw)
+    return randomise(model, g), (c, hw, hw)
 
 
 def _box(shape: tuple[int, ...], n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    centre = torch.randn(n, *shape, generator=g, dtype=torch.float64)
-    radius = torch.rand(n, *shape, generator=g, dtype=torch.float64) * float(torch.rand(1, generator=g)) * 1.5
-    radius[0] = 0.0  # a degenerate (zero-width) box
-    radius = radius * (torch.rand(n, *shape, generator=g, dtype=torch.float64) > 0.2)  # some zero-width dims
-    return centre - radius, centre + radius
-
-
-def _samples(lo: Tensor, hi: Tensor, count: int, g: torch.Generator) -> Tensor:
-    """(N, S, *shape) points of each box: uniform, random vertices, and every vertex for small inputs."""
-    n, shape = lo.shape[0], lo.shape[1:]
-    d = lo[0].numel()
-    u = torch.rand(n, count, *shape, generator=g, dtype=lo.dtype)
-    v = (torch.rand(n, count, *shape, generator=g, dtype=lo.dtype) > 0.5).to(lo.dtype)
-    pts = [u, v]
-    if d <= 8:
-        corners = torch.tensor(list(itertools.product([0.0, 1.0], repeat=d)), dtype=lo.dtype)
-        pts.append(corners.reshape(1, -1, *shape).expand(n, -1, *shape))
-    t = torch.cat(pts, 1)
-    return lo.unsqueeze(1) + t * (hi - lo).unsqueeze(1)
-
-
-def _outputs(net: Network, x: Tensor, C: Tensor) -> Tensor:
-    n, s = x.shape[:2]
-    y = net(x.reshape(n * s, *x.shape[2:])).reshape(n, s, -1)
-    return torch.einsum("nmk,nsk->nsm", C, y)
+    """Random boxes, the first of zero width and some zero-width dimensions in the others."""
+    return random_box(shape, n, g, zero_width_dims=True)
 
 
 def _assert_sound(res: BoundResult, vals: Tensor, what: str) -> None:
-    lo, hi = res.lower.unsqueeze(1), res.upper.unsqueeze(1)
-    scale = 1 + vals.abs()
-    assert bool((vals >= lo - TOL * scale).all()), f"{what}: lower bound above a sampled output"
-    assert bool((vals <= hi + TOL * scale).all()), f"{what}: upper bound below a sampled output"
+    assert_contains(res.lower, res.upper, vals, what, tol=TOL)
 
 
 def _soundness(builder, kind: str, seeds: range) -> None:
@@ -141,7 +70,7 @@ def _soundness(builder, kind: str, seeds: range) -> None:
         lo, hi = _box(shape, 3, g)
         k = net.output_shape[0]
         C = torch.randn(3, 2, k, generator=g, dtype=torch.float64)
-        vals = _outputs(net, _samples(lo, hi, 600, g), C)
+        vals = spec_values(net, box_samples(lo, hi, 600, g), C)
         results = {m: compute_bounds(net, lo, hi, C=C, method=m, options=FAST) for m in METHODS}
         for m, res in results.items():
             _assert_sound(res, vals, f"{m} on {kind} net seed {seed}\n{net}")
@@ -149,6 +78,8 @@ def _soundness(builder, kind: str, seeds: range) -> None:
             torch.testing.assert_close(res.lower[0], res.upper[0], atol=1e-8, rtol=1e-8)
         a, c = results["alpha-crown"], results["crown"]
         assert bool((a.lower >= c.lower - 1e-10).all()) and bool((a.upper <= c.upper + 1e-10).all())
+        ci, ib = results["crown-ibp"], results["ibp"]
+        assert bool((ci.lower >= ib.lower - 1e-10).all()) and bool((ci.upper <= ib.upper + 1e-10).all())
 
 
 @pytest.mark.parametrize("kind", ["relu", "leaky", "sigmoid", "tanh"])
@@ -188,7 +119,7 @@ def test_relaxations_pointwise(op, mode: str) -> None:
 def test_linear_model_crown_exact() -> None:
     g = torch.Generator().manual_seed(3)
     model = nn.Sequential(Normalize(0.2, 0.5), nn.Linear(4, 6), nn.Linear(6, 3)).double()
-    _randomise(model, g)
+    randomise(model, g)
     net = Network.from_module(model, (4,))
     lo = torch.randn(5, 4, generator=g, dtype=torch.float64)
     hi = lo + torch.rand(5, 4, generator=g, dtype=torch.float64)
@@ -233,7 +164,7 @@ def test_one_relu_by_hand() -> None:
 
 
 def test_deeppoly_equals_crown_on_relu_and_alpha_improves() -> None:
-    model = _randomise(zoo.mlp([6], 4, hidden=[12, 12]), torch.Generator().manual_seed(5))
+    model = randomise(zoo.mlp([6], 4, hidden=[12, 12]), torch.Generator().manual_seed(5))
     net = Network.from_module(model, (6,))
     g = torch.Generator().manual_seed(6)
     lo = torch.randn(4, 6, generator=g, dtype=torch.float64)
@@ -269,11 +200,15 @@ def test_batched_equals_per_sample(method: str) -> None:
             torch.testing.assert_close(h_b[i : i + 1], one.intermediate[name][1], atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "beta-crown"])
 def test_splits_sound_and_no_looser(method: str) -> None:
+    options = FAST
+    if method == "beta-crown":
+        method, options = "alpha-crown", BoundOptions(alpha_steps=10, beta=True)
     checked = 0
+    gain = 0.0
     for seed in range(8):
-        model = _randomise(zoo.mlp([4], 3, hidden=[8, 8]), torch.Generator().manual_seed(seed))
+        model = randomise(zoo.mlp([4], 3, hidden=[8, 8]), torch.Generator().manual_seed(seed))
         net = Network.from_module(model, (4,))
         g = torch.Generator().manual_seed(50 + seed)
         lo = torch.randn(2, 4, generator=g, dtype=torch.float64)
@@ -286,8 +221,19 @@ def test_splits_sound_and_no_looser(method: str) -> None:
             choice = torch.where(torch.rand(pl.shape, generator=g) > 0.5, 1, -1).to(torch.int8)
             pick = unstable & (torch.rand(pl.shape, generator=g) > 0.6)
             splits[name] = torch.where(pick, choice, torch.zeros_like(choice))
-        res = compute_bounds(net, lo, hi, method=method, options=FAST, splits=splits)
-        x = _samples(lo, hi, 3000, g)
+        res = compute_bounds(net, lo, hi, method=method, options=options, splits=splits)
+        if options.beta:
+            # Multipliers start at 0 (CROWN with the splits) and the best bound is kept.
+            crown_split = compute_bounds(
+                net, lo, hi, method="crown", options=BoundOptions(monotone_splits=False), splits=splits
+            )
+            assert bool((res.lower >= crown_split.lower - 1e-9).all())
+            assert bool((res.upper <= crown_split.upper + 1e-9).all())
+            plain = compute_bounds(
+                net, lo, hi, method=method, options=BoundOptions(alpha_steps=10, monotone_splits=False), splits=splits
+            )
+            gain += float((plain.upper - plain.lower).sum() - (res.upper - res.lower).sum())
+        x = box_samples(lo, hi, 3000, g)
         values = net.forward_all(x.reshape(-1, 4))
         ok = torch.ones(x.shape[0] * x.shape[1], dtype=torch.bool)
         for name, s in splits.items():
@@ -301,15 +247,18 @@ def test_splits_sound_and_no_looser(method: str) -> None:
             checked += yi.shape[0]
             assert bool((yi >= res.lower[i] - 1e-9).all()), f"{method} split lower bound unsound (seed {seed})"
             assert bool((yi <= res.upper[i] + 1e-9).all()), f"{method} split upper bound unsound (seed {seed})"
-        assert bool((res.lower >= base.lower - 1e-9).all()) and bool((res.upper <= base.upper + 1e-9).all())
+        if not options.beta:
+            assert bool((res.lower >= base.lower - 1e-9).all()) and bool((res.upper <= base.upper + 1e-9).all())
         for name, s in splits.items():
             pl, ph = res.intermediate[name]
             assert bool((pl[s > 0] >= 0).all()) and bool((ph[s < 0] <= 0).all())
     assert checked > 1000, "too few samples inside the split domains to mean anything"
+    if options.beta:
+        assert gain > 0, "beta-CROWN multipliers should tighten split bounds overall"
 
 
 def test_intermediate_reuse_is_sound_and_inside_given() -> None:
-    model = _randomise(zoo.mlp([5], 3, hidden=[10, 10]), torch.Generator().manual_seed(2))
+    model = randomise(zoo.mlp([5], 3, hidden=[10, 10]), torch.Generator().manual_seed(2))
     net = Network.from_module(model, (5,))
     g = torch.Generator().manual_seed(9)
     lo = torch.randn(3, 5, generator=g, dtype=torch.float64)
@@ -322,7 +271,7 @@ def test_intermediate_reuse_is_sound_and_inside_given() -> None:
         for name, (pl, ph) in parent.intermediate.items():
             cl, ch = child.intermediate[name]
             assert bool((cl >= pl - 1e-12).all()) and bool((ch <= ph + 1e-12).all())
-        vals = _outputs(net, _samples(sub_lo, sub_hi, 500, g), torch.eye(3, dtype=torch.float64).expand(3, 3, 3))
+        vals = spec_values(net, box_samples(sub_lo, sub_hi, 500, g), torch.eye(3, dtype=torch.float64).expand(3, 3, 3))
         _assert_sound(child, vals, f"reuse={reuse}")
 
 
@@ -339,7 +288,7 @@ def test_zoo_float32_sound() -> None:
         labels = model(x).argmax(1)
         C = robustness_spec(labels, 5 if shape[0] == 1 else 4)
         g = torch.Generator().manual_seed(0)
-        vals = _outputs(net, _samples(lo, hi, 300, g), C)
+        vals = spec_values(net, box_samples(lo, hi, 300, g), C)
         for m in METHODS:
             res = compute_bounds(net, lo, hi, C=C, method=m, options=FAST)
             assert bool((vals >= res.lower.unsqueeze(1) - 1e-4).all()) and bool(
@@ -349,7 +298,7 @@ def test_zoo_float32_sound() -> None:
 
 
 def test_bound_upper_off_and_options() -> None:
-    model = _randomise(zoo.mlp([3], 2, hidden=[5]), torch.Generator().manual_seed(0))
+    model = randomise(zoo.mlp([3], 2, hidden=[5]), torch.Generator().manual_seed(0))
     net = Network.from_module(model, (3,))
     lo = torch.zeros(2, 3, dtype=torch.float64)
     hi = lo + 1
@@ -401,6 +350,222 @@ def test_bad_inputs_named() -> None:
         compute_bounds(net, lo, hi, intermediate={relu: (torch.zeros(2, 3), torch.ones(2, 3))})
     with pytest.raises(InputError, match="Network"):
         compute_bounds(nn.Linear(3, 2), lo, hi)  # type: ignore[arg-type]
+
+
+# CROWN bounds of two conv nets computed by the implementation before the per-sample / one-hot-step rewrite (dense
+# identity specifications over the union of unstable neurons, transposed convolutions throughout). The rewrite must
+# give the same bounds: it changes how much is computed, not what.
+_REFERENCE = [
+    (
+        [
+            [-77.6925056546, -126.8432328105, -199.9460552716, -122.7945033383, -92.8670620371],
+            [-62.6863074701, -122.1004042048, -190.0240165808, -152.6664047399, -60.6992158308],
+            [-59.0766116668, -121.0093312718, -195.2406613614, -171.3999484419, -76.1380900406],
+        ],
+        [
+            [223.5102321336, 217.4828410759, 59.2424214282, 136.3178057075, 169.9027386068],
+            [186.1727276424, 196.2522275901, 45.7747049118, 128.0500843174, 150.6332255498],
+            [215.7308470076, 217.7240302854, 69.1583162151, 138.0606578212, 167.3382266861],
+        ],
+    ),
+    (
+        [
+            [-19.5703562643, -13.9030414477, -28.5519499963, -17.3529730797, -18.6466527542],
+            [-19.7232633928, -8.3511371633, -16.6793086062, -9.7384571612, -8.9865057346],
+            [-26.6282254641, -12.2713250885, -22.1358032372, -14.435064565, -8.7397189214],
+        ],
+        [
+            [13.8112765356, 22.2262516876, 13.095293567, 13.8071568709, 29.094034136],
+            [10.6291972991, 16.6300481192, 6.8987638631, 9.3866434792, 22.2369656616],
+            [7.8436736223, 18.9812233436, 9.7678173489, 12.3488175706, 28.1523483382],
+        ],
+    ),
+]
+
+
+def _reference_nets() -> list[tuple[Network, Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    models = [
+        zoo.cnn([2, 10, 10], 5, channels=(4, 6), hidden=12, mean=0.4, std=0.3),
+        nn.Sequential(
+            nn.Conv2d(2, 5, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(5, 6, 3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(6, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 3 * 3, 7),
+            nn.ReLU(),
+            nn.Linear(7, 5),
+        ),
+    ]
+    out = []
+    for m in models:
+        for p in m.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).float() * 0.5)
+        m.double().eval()
+        net = Network.from_module(m, (2, 10, 10))
+        x = torch.rand(3, 2, 10, 10, generator=g, dtype=torch.float64)
+        out.append((net, (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)))
+    return out
+
+
+@pytest.mark.parametrize("tiles", [None, 2])
+def test_crown_matches_previous_implementation(tiles: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.verify import crown as crown_module
+
+    monkeypatch.setattr(crown_module, "_TILES", tiles)
+    for (net, lo, hi), (ref_lo, ref_hi) in zip(_reference_nets(), _REFERENCE):
+        for method in ("crown", "deeppoly"):
+            res = compute_bounds(net, lo, hi, method=method)
+            expected_lo = torch.tensor(ref_lo, dtype=torch.float64)
+            expected_hi = torch.tensor(ref_hi, dtype=torch.float64)
+            torch.testing.assert_close(res.lower, expected_lo, atol=2e-9, rtol=1e-10)
+            torch.testing.assert_close(res.upper, expected_hi, atol=2e-9, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 0, 2, 1), (2, 2, 1, 3), (3, 1, 2, 3)]
+)
+def test_conv_backward_and_onehot_step_are_the_adjoint(stride: int, padding: int, dilation: int, groups: int) -> None:
+    g = torch.Generator().manual_seed(stride * 7 + padding * 3 + dilation + groups)
+    conv = nn.Conv2d(3, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
+    randomise(conv, g)
+    net = Network.from_module(conv, (3, 9, 8))
+    name = net.output_name
+    op = net.nodes[name].op
+    assert isinstance(op, Conv2dOp)
+    # The adjoint by autograd: A . conv(x) = (conv^T A) . x + A . bias.
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 4, *op.out_shape, generator=g, dtype=torch.float64)
+    back, bias = op.backward(A)
+    for r in range(4):
+        (grad,) = torch.autograd.grad((conv(x) * A[:, r]).sum(), x)
+        torch.testing.assert_close(back[0][:, r], grad)
+    torch.testing.assert_close(bias, (A * conv.bias.view(1, 1, -1, 1, 1)).flatten(2).sum(-1))
+    # The one-hot shortcut equals the backward of the one-hot rows, padding rows included.
+    p = A[0, 0].numel()
+    need = torch.rand(2, p, generator=g) > 0.6
+    idx, valid = select_rows(need)
+    step = _onehot_step(net, name, idx, valid)
+    assert step is not None
+    eye = torch.zeros(2, idx.shape[1], p, dtype=torch.float64).scatter_(
+        2, idx.unsqueeze(-1), valid.unsqueeze(-1).double()
+    )
+    dense, dense_bias = op.backward(eye.reshape(2, idx.shape[1], *op.out_shape))
+    torch.testing.assert_close(step[0][0], dense[0])
+    torch.testing.assert_close(step[1], dense_bias)
+
+
+class _TwoBranch(nn.Module):
+    """conv -> act -> (conv | conv) summed and subtracted, with spatially varying constants: every window rule."""
+
+    def __init__(self, act: nn.Module, pool: nn.Module, size: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = act
+        self.pool = pool
+        self.c2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(3, 4, 1)
+        self.c4 = nn.Conv2d(4, 3, 3, stride=2, padding=1)
+        self.c5 = nn.Conv2d(3, 2, 2, stride=1, padding=1, dilation=2)
+        side = (size - 1) // 2 + 1  # after c4 (stride 2); c5 keeps the size
+        self.head = nn.Linear(2 * side * side, 3)
+        self.register_buffer("grid", torch.linspace(0.5, 1.5, size * size).reshape(1, size, size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pool(self.act(self.c1(x)))
+        h = self.act(self.c2(h) + self.c3(h) * 0.5 - self.c3(h) * self.grid)
+        h = self.act(self.c4(h) + 0.1)
+        return self.head(self.act(self.c5(h)).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky", "tanh"])  # sigmoid shares tanh's code path
+def test_windowed_conv_rows_equal_dense_and_sound(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.verify import crown as crown_module
+
+    pools = [(nn.MaxPool2d(2, stride=1, padding=1), 7), (nn.Identity(), 6), (nn.AvgPool2d(2, stride=1), 5)]
+    for seed, (pool, size) in enumerate(pools):
+        g = torch.Generator().manual_seed(40 + seed)
+        model = _TwoBranch(act(kind, g), pool, size)
+        randomise(model, g)
+        net = Network.from_module(model, (2, 6, 6))
+        lo, hi = _box((2, 6, 6), 3, g)
+        C = torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
+        method = "crown" if seed % 2 == 0 else "deeppoly"
+        # Force tiling (the automatic choice may keep such small maps dense).
+        monkeypatch.setattr(crown_module, "_TILES", 2 + seed % 2)
+        windowed = compute_bounds(net, lo, hi, C=C, method=method)
+        monkeypatch.setattr(crown_module, "_TILES", None)
+        monkeypatch.setattr(crown_module, "_WINDOWS", False)
+        dense = compute_bounds(net, lo, hi, C=C, method=method)
+        monkeypatch.setattr(crown_module, "_WINDOWS", True)
+        torch.testing.assert_close(windowed.lower, dense.lower, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(windowed.upper, dense.upper, atol=1e-9, rtol=1e-9)
+        for name, (dl, dh) in dense.intermediate.items():
+            torch.testing.assert_close(windowed.intermediate[name][0], dl, atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(windowed.intermediate[name][1], dh, atol=1e-9, rtol=1e-9)
+        _assert_sound(
+            windowed, spec_values(net, box_samples(lo, hi, 400, g), C), f"windowed {method}, {kind}, seed {seed}"
+        )
+
+
+def test_select_rows_per_sample() -> None:
+    need = torch.tensor([[False, True, True, False], [True, False, False, False], [False, False, False, False]])
+    idx, valid = select_rows(need)
+    assert idx.shape == (3, 2)
+    assert idx[0].tolist() == [1, 2] and idx[1, 0].item() == 0
+    assert valid.tolist() == [[True, True], [True, False], [False, False]]
+
+
+def test_crown_ibp_between_ibp_and_crown_final_pass() -> None:
+    model = randomise(zoo.mlp([5], 3, hidden=[16, 16, 16]), torch.Generator().manual_seed(11))
+    net = Network.from_module(model, (5,))
+    g = torch.Generator().manual_seed(12)
+    lo = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    hi = lo + 0.4
+    ibp = compute_bounds(net, lo, hi, method="ibp")
+    cibp = compute_bounds(net, lo, hi, method="crown-ibp")
+    crown = compute_bounds(net, lo, hi, method="crown")
+    vals = spec_values(net, box_samples(lo, hi, 2000, g), torch.eye(3, dtype=torch.float64).expand(6, 3, 3))
+    _assert_sound(cibp, vals, "crown-ibp")
+    # Its intermediate bounds are IBP's, and its final pass strictly helps somewhere.
+    for name, (l_i, h_i) in ibp.intermediate.items():
+        torch.testing.assert_close(cibp.intermediate[name][0], l_i)
+        torch.testing.assert_close(cibp.intermediate[name][1], h_i)
+    assert float((cibp.upper - cibp.lower).mean()) < float((ibp.upper - ibp.lower).mean())
+    assert float((crown.upper - crown.lower).mean()) <= float((cibp.upper - cibp.lower).mean()) + 1e-12
+    assert compute_bounds(net, lo, hi, method="CROWN_IBP").lower.shape == (6, 3)
+
+
+def test_alpha_intermediate_sound_and_tighter() -> None:
+    gain = 0.0
+    for seed in range(6):
+        kind = "relu" if seed % 2 == 0 else "leaky"
+        model, shape = _random_fc(seed, kind) if seed < 4 else _random_conv(seed, kind)
+        net = Network.from_module(model, shape)
+        g = torch.Generator().manual_seed(300 + seed)
+        lo, hi = _box(shape, 3, g)
+        C = torch.randn(3, 2, net.output_shape[0], generator=g, dtype=torch.float64)
+        crown = compute_bounds(net, lo, hi, C=C, method="crown")
+        plain = compute_bounds(net, lo, hi, C=C, method="alpha-crown", options=BoundOptions(alpha_steps=10))
+        opts = BoundOptions(alpha_steps=10, alpha_intermediate=True)
+        joint = compute_bounds(net, lo, hi, C=C, method="alpha-crown", options=opts)
+        vals = spec_values(net, box_samples(lo, hi, 600, g), C)
+        _assert_sound(joint, vals, f"alpha-crown with intermediate slopes, seed {seed}")
+        assert bool((joint.lower >= crown.lower - 1e-10).all()) and bool((joint.upper <= crown.upper + 1e-10).all())
+        for name, (cl, ch) in crown.intermediate.items():
+            jl, jh = joint.intermediate[name]
+            assert bool((jl >= cl - 1e-10).all()) and bool((jh <= ch + 1e-10).all())
+        # Intermediate bounds must contain every sampled pre-activation too.
+        x = box_samples(lo, hi, 300, g)
+        values = net.forward_all(x.reshape(-1, *shape))
+        for name, (jl, jh) in joint.intermediate.items():
+            pre = values[net.nodes[name].inputs[0]].reshape(3, x.shape[1], -1)
+            assert bool((pre >= jl.reshape(3, 1, -1) - 1e-9).all()) and bool((pre <= jh.reshape(3, 1, -1) + 1e-9).all())
+        gain += float((plain.upper - plain.lower).sum() - (joint.upper - joint.lower).sum())
+    assert gain > 0, "optimising the intermediate slopes should tighten the bounds overall"
 
 
 @pytest.mark.cuda

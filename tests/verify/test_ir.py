@@ -264,3 +264,114 @@ def test_register_custom_op() -> None:
     with pytest.raises(InputError, match="callable"):
         register_op(Scale, "nope")  # type: ignore[arg-type]
     assert issubclass(ChannelAffineOp, BoundOp)
+
+
+# -- live mode (differentiable bounds for certified training) ------------------------------------------------------
+def _live_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    torch.manual_seed(3)
+    return [
+        ("mlp", zoo.mlp([1, 8, 8], 10, hidden=[16, 8], mean=0.5, std=0.25), (1, 8, 8)),
+        ("cnn", zoo.cnn([1, 8, 8], 10, channels=(3, 4), hidden=8, mean=0.5, std=0.3), (1, 8, 8)),
+    ]
+
+
+def _box(shape: tuple[int, ...], n: int = 5, eps: float = 0.05) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(n, *shape, generator=g)
+    return (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("case", range(2), ids=["mlp", "cnn"])
+def test_live_bounds_equal_snapshot_and_reach_every_parameter(case: int, method: str) -> None:
+    from bastion.verify.bounds import compute_bounds, robustness_spec
+
+    _, model, shape = _live_models()[case]
+    live = Network.from_module(model, shape, live=True)
+    snap = Network.from_module(model, shape)
+    assert live.live and not snap.live
+    lo, hi = _box(shape)
+    C = robustness_spec(torch.tensor([0, 1, 2, 3, 4]), 10)
+    got = compute_bounds(live, lo, hi, C=C, method=method)
+    ref = compute_bounds(snap, lo, hi, C=C, method=method)
+    torch.testing.assert_close(got.lower, ref.lower, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.upper, ref.upper, rtol=1e-5, atol=1e-5)
+    assert not ref.lower.requires_grad, "the snapshot network must not be differentiable in the model"
+    model.zero_grad(set_to_none=True)
+    (got.lower.sum() + 0.1 * got.upper.sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"no gradient reached {name}"
+
+
+def test_live_bounds_follow_in_place_updates() -> None:
+    from bastion.verify.bounds import compute_bounds
+
+    _, model, shape = _live_models()[0]
+    live = Network.from_module(model, shape, live=True)
+    lo, hi = _box(shape)
+    before = {m: compute_bounds(live, lo, hi, method=m).lower.detach() for m in ("ibp", "crown")}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    compute_bounds(live, lo, hi, method="ibp").lower.sum().backward()
+    opt.step()  # an in-place update of every parameter
+    fresh = Network.from_module(model, shape)  # a snapshot of the updated weights
+    for m in ("ibp", "crown"):
+        now = compute_bounds(live, lo, hi, method=m).lower.detach()
+        assert not torch.allclose(now, before[m]), f"{m} bounds of the live network ignored the optimiser step"
+        torch.testing.assert_close(now, compute_bounds(fresh, lo, hi, method=m).lower, rtol=1e-5, atol=1e-5)
+    x = (lo + hi) / 2
+    with torch.no_grad():
+        torch.testing.assert_close(live(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_live_mode_keeps_functional_weights_live() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+            self.b = nn.Parameter(torch.randn(4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(torch.relu(x), self.w, self.b)
+
+    model = Functional()
+    net = Network.from_module(model, (3,), live=True)
+    ops = [n.op for n in net.nodes.values() if isinstance(n.op, LinearOp)]
+    assert len(ops) == 1 and ops[0].weight is model.w and ops[0].bias is model.b
+
+
+def test_live_mode_refuses_what_it_cannot_keep_live() -> None:
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(InputError, match="BatchNorm is not supported in live mode"):
+        Network.from_module(bn, (3,), live=True)
+    Network.from_module(bn, (3,))  # the snapshot still folds it
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.lin(x) * self.scale
+
+    with pytest.raises(InputError, match="live mode"):
+        Network.from_module(Scaled(), (3,), live=True)
+
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(x, self.w.t())  # folded into a constant: would freeze the parameter
+
+    with pytest.raises(InputError, match="live mode"):
+        Network.from_module(Transposed(), (3,), live=True)
+    # a frozen parameter is an ordinary constant, also in live mode
+    frozen = Scaled()
+    frozen.scale.requires_grad_(False)
+    Network.from_module(frozen, (3,), live=True)
+    net = Network.from_module(nn.Sequential(nn.Linear(3, 2)), (3,), live=True)
+    with pytest.raises(InputError, match="live network"):
+        net.to(dtype=torch.float64)
+    assert net.to("cpu").live

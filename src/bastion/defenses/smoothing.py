@@ -35,7 +35,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -673,7 +672,7 @@ def evaluate_smoothed(
         A :class:`SmoothingEvaluation` computed from all the records of the job (resumed ones included).
     """
     from bastion.data import Dataset
-    from bastion.store import Store, run_key
+    from bastion.store import resumable_run
 
     t_start = time.perf_counter()
     if not isinstance(smoothed, Smooth):
@@ -699,33 +698,24 @@ def evaluate_smoothed(
     per_group = max(1, batch_size // (n + (n0 if mode == "certify" else 0)))
     total = len(data)
 
-    if store is not None and not isinstance(store, (Store, str, Path)):
-        raise InputError(f"store must be a Store, a path or None, got {type(store).__name__}")
-    db = store if store is None or isinstance(store, Store) else Store(store)
-    owned = db is not None and db is not store
-    run_id: int | None = None
-    done: set[int] = set()
-    try:
-        if db is not None:
-            model_fp, data_fp = model_fingerprint(smoothed.model), data.fingerprint()
-            kind = f"smooth-{mode}"
-            payload = {
-                "kind": kind, "model": model_fp, "data": data_fp, "sigma": smoothed.sigma, "n": n,
-                "n0": n0 if mode == "certify" else None, "alpha": alpha, "seed": int(seed),
-            }  # fmt: skip
-            run, _ = db.open_run(
-                kind=kind, key=run_key(payload), config={**payload, "batch_size": batch_size, **(config or {})},
-                model_fp=model_fp, data_fp=data_fp, n_samples=total,
-            )  # fmt: skip
-            run_id = run.id
-            done = db.done_indices(run.id, [key])
-        records: list[SampleRecord] = []
-        bar = tqdm(total=total, initial=len(done), desc=f"smooth {mode}", unit="sample",
+    kind = f"smooth-{mode}"
+    payload = {
+        "sigma": smoothed.sigma,
+        "n": n,
+        "n0": n0 if mode == "certify" else None,
+        "alpha": alpha,
+        "seed": int(seed),
+    }
+    with resumable_run(
+        store, kind=kind, payload=payload, fingerprints=lambda: (model_fingerprint(smoothed.model), data.fingerprint()),
+        n_samples=total, threats=[key], config={"batch_size": batch_size, **(config or {})},
+    ) as run:  # fmt: skip
+        bar = tqdm(total=total, initial=len(run.done), desc=f"smooth {mode}", unit="sample",
                    disable=not progress, leave=False)  # fmt: skip
         for first in range(0, total, per_group):
             # Groups sit at fixed positions and are written in one transaction each, so after a kill the resumed
             # groups are the very groups of an uninterrupted run, with the same seeds and thus the same results.
-            todo = [i for i in range(first, min(first + per_group, total)) if i not in done]
+            todo = run.todo(range(first, min(first + per_group, total)))
             if not todo:
                 continue
             idx, xb, yb = next(data.batches(len(todo), indices=todo))
@@ -737,21 +727,8 @@ def evaluate_smoothed(
             else:
                 result = smoothed.predict(xb, n=n, alpha=alpha, batch_size=batch_size, seed=group_seed)
             seconds = time.perf_counter() - t0
-            batch_records = to_records(result, yb, idx, seconds=seconds)
-            if db is not None and run_id is not None:
-                db.write_records(run_id, batch_records, seconds=seconds)
-            else:
-                records.extend(batch_records)
+            run.write(to_records(result, yb, idx, seconds=seconds), seconds=seconds)
             bar.update(len(idx))
         bar.close()
-        if db is not None and run_id is not None:
-            records = db.records(run_id, key)
-        summary = summarize_smoothing(records, mode=mode, sigma=smoothed.sigma, n=total, radii=radius_list)
-        summary.run_id = run_id
-        summary.seconds = time.perf_counter() - t_start
-        if db is not None and run_id is not None:
-            db.finish_run(run_id, summary.to_dict())
-        return summary
-    finally:
-        if owned and db is not None:
-            db.close()
+        summary = summarize_smoothing(run.records(key), mode=mode, sigma=smoothed.sigma, n=total, radii=radius_list)
+        return run.finish(summary, started=t_start)

@@ -1,4 +1,4 @@
-"""The bound façade: :func:`compute_bounds` runs IBP, CROWN, alpha-CROWN or DeepPoly on a :class:`Network`.
+"""The bound façade: :func:`compute_bounds` runs IBP, CROWN, CROWN-IBP, alpha-CROWN or DeepPoly on a :class:`Network`.
 
 Every method returns sound lower and upper bounds on ``C @ f(x)`` for all ``x`` in an input box, batched over
 samples or branch-and-bound sub-domains, together with the pre-activation bounds of every nonlinear node (reusable by
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bastion.errors import InputError
 from bastion.verify.alpha_crown import alpha_crown_bounds
-from bastion.verify.crown import crown_bounds
+from bastion.verify.crown import crown_bounds, crown_ibp_bounds
 from bastion.verify.deeppoly import deeppoly_bounds
 from bastion.verify.ibp import ibp_bounds
 from bastion.verify.ir import Network
@@ -24,7 +24,7 @@ __all__ = ["METHODS", "BoundOptions", "BoundResult", "compute_bounds", "robustne
 Bounds = tuple[Tensor, Tensor]
 
 #: Names accepted by ``method``.
-METHODS = ("ibp", "crown", "alpha-crown", "deeppoly")
+METHODS = ("ibp", "crown", "alpha-crown", "deeppoly", "crown-ibp")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class BoundOptions:
     """Options of :func:`compute_bounds`.
 
     Attributes:
-        method: ``"ibp"``, ``"crown"``, ``"alpha-crown"`` or ``"deeppoly"``.
+        method: ``"ibp"``, ``"crown"``, ``"alpha-crown"``, ``"deeppoly"`` or ``"crown-ibp"`` (interval intermediate
+            bounds and a CROWN final pass, Zhang et al. ICLR 2020).
         alpha_steps: alpha-CROWN optimisation steps (Xu et al. 2021 use 20-100).
         alpha_lr: alpha-CROWN Adam learning rate.
         alpha_lr_decay: alpha-CROWN learning-rate decay per step.
@@ -45,6 +46,12 @@ class BoundOptions:
             minimised over the whole input box, so without this a split can make CROWN's bound looser (beta-CROWN's
             multipliers address the same effect). Costs a second pass; a BaB that already keeps the parent's bound
             (and passes its ``intermediate``) can turn it off.
+        alpha_intermediate: alpha-CROWN also optimises the lower slopes used for the intermediate-layer bounds
+            (one set per intermediate layer, Xu et al. 2021), through their effect on the final bound. Tighter,
+            costlier in time and memory (the slopes of each layer's back-substitution are kept); the returned
+            intermediate bounds are the tightest seen, never looser than CROWN's.
+        beta: with ``splits`` and ``"alpha-crown"``, optimise beta-CROWN multipliers of the split constraints jointly
+            with the slopes (Wang et al., NeurIPS 2021); this replaces the second pass of ``monotone_splits``.
     """
 
     method: str = "crown"
@@ -54,6 +61,8 @@ class BoundOptions:
     bound_upper: bool = True
     reuse_intermediate: bool = False
     monotone_splits: bool = True
+    alpha_intermediate: bool = False
+    beta: bool = False
 
 
 @dataclass
@@ -173,8 +182,8 @@ def compute_bounds(
         lower: ``(N, *input_shape)`` lower ends of the input boxes (samples or sub-domains).
         upper: ``(N, *input_shape)`` upper ends.
         C: ``(m, K)`` or ``(N, m, K)`` specification matrix over the ``K`` flattened outputs; None bounds the outputs.
-        method: ``"ibp"``, ``"crown"``, ``"alpha-crown"`` or ``"deeppoly"``; None takes ``options.method``
-            (``"crown"`` by default).
+        method: ``"ibp"``, ``"crown"``, ``"alpha-crown"``, ``"deeppoly"`` or ``"crown-ibp"``; None takes
+            ``options.method`` (``"crown"`` by default).
         options: hyperparameters (:class:`BoundOptions`).
         splits: per ReLU node an integer tensor ``(N, *shape)``: +1 forces the pre-activation ``>= 0``, -1 forces
             it ``<= 0``, 0 leaves it free; the bounds are then sound on that restricted domain.
@@ -195,6 +204,8 @@ def compute_bounds(
     name = (method if method is not None else opts.method).lower().replace("_", "-")
     if name == "alpha_crown" or name == "alphacrown":
         name = "alpha-crown"
+    if name == "crownibp":
+        name = "crown-ibp"
     if name not in METHODS:
         raise InputError(f"compute_bounds: unknown method {method or opts.method!r}; choose one of {METHODS}")
     if opts.alpha_steps < 0 or opts.alpha_lr <= 0:
@@ -213,7 +224,7 @@ def compute_bounds(
     if intermediate is not None:
         intermediate = {nm: (lo.to(lower), hi.to(lower)) for nm, (lo, hi) in intermediate.items()}
     has_splits = splits is not None and any(bool((s != 0).any()) for s in splits.values())
-    if has_splits and name != "ibp" and opts.monotone_splits:
+    if has_splits and name != "ibp" and opts.monotone_splits and not (opts.beta and name == "alpha-crown"):
         # Bounds without the splits hold on the restricted domain too: they tighten its intermediate bounds and the
         # final bound is the better of the two.
         free = compute_bounds(
@@ -245,6 +256,8 @@ def compute_bounds(
         lo, hi, pre = ibp_bounds(net, lower, upper, spec, **common)  # type: ignore[arg-type]
     elif name == "crown":
         lo, hi, pre = crown_bounds(net, lower, upper, spec, bound_upper=opts.bound_upper, **common)  # type: ignore[arg-type]
+    elif name == "crown-ibp":
+        lo, hi, pre = crown_ibp_bounds(net, lower, upper, spec, bound_upper=opts.bound_upper, **common)  # type: ignore[arg-type]
     elif name == "deeppoly":
         lo, hi, pre = deeppoly_bounds(net, lower, upper, spec, bound_upper=opts.bound_upper, **common)  # type: ignore[arg-type]
     else:
@@ -256,6 +269,8 @@ def compute_bounds(
             steps=opts.alpha_steps,
             lr=opts.alpha_lr,
             lr_decay=opts.alpha_lr_decay,
+            optimize_intermediate=opts.alpha_intermediate,
+            beta=opts.beta,
             bound_upper=opts.bound_upper,
             **common,  # type: ignore[arg-type]
         )

@@ -4,6 +4,12 @@
 :class:`~bastion.verify.ops.BoundOp` (constants read from the module; BatchNorm in eval mode folded into the preceding
 Linear/Conv2d when that layer feeds nothing else, kept as a per-channel affine op otherwise). The ONNX importer emits
 the same fx forms, so both routes share this translation. Every shape stored here is per sample (no batch dim).
+
+By default the network is a *snapshot*: every weight is copied, so later changes to the model do not affect it.
+``Network.from_module(model, shape, live=True)`` builds a *live* network instead, whose Linear and Conv2d operators
+hold the model's ``nn.Parameter`` objects themselves: bounds computed on it are differentiable in the parameters and
+follow every in-place optimiser step, so certified training builds it once per run (see
+:mod:`bastion.defenses.training.certified`).
 """
 
 from __future__ import annotations
@@ -134,8 +140,16 @@ _RESHAPE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squee
 class _Builder:
     """Translates an fx graph into IR nodes."""
 
-    def __init__(self, root: nn.Module, input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        root: nn.Module,
+        input_shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        live: bool = False,
+    ):
         self.root = root
+        self.live = live
         self.device, self.dtype = device, dtype
         self.nodes: dict[str, Node] = {}
         self.env: dict[str, Any] = {}
@@ -164,7 +178,25 @@ class _Builder:
     def const(self, value: Any) -> Tensor:
         if isinstance(value, (_Batch, _Shape)):
             raise self.fail("arithmetic with the batch size is not supported")
+        if self.live and isinstance(value, Tensor) and value.requires_grad:
+            # A copy would silently freeze this parameter in a network that promises to follow the model.
+            raise self.fail(
+                "live mode: a trainable parameter is used by an operation that can only hold a copy of it (only "
+                "the weight and bias of Linear/Conv2d layers and F.linear/F.conv2d stay live); build a snapshot "
+                "network (live=False) or freeze that parameter"
+            )
         return torch.as_tensor(value, dtype=self.dtype, device=self.device).detach().clone()
+
+    def param(self, value: Tensor) -> Tensor:
+        """A weight or bias of Linear/Conv2d: the tensor itself in live mode (when trainable), else a copy."""
+        if self.live and value.requires_grad:
+            if value.device != self.device or value.dtype != self.dtype:
+                raise self.fail(
+                    f"live mode: parameter on {value.device} / {value.dtype} differs from the model's "
+                    f"{self.device} / {self.dtype}; keep every parameter on one device and dtype"
+                )
+            return value
+        return self.const(value)
 
     def value(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -174,6 +206,14 @@ class _Builder:
         if isinstance(a, dict):
             return {k: self.value(v) for k, v in a.items()}
         return a
+
+    def no_live_folding(self, what: str, values: list[Any]) -> None:
+        """In live mode, refuse to fold a computation on a trainable parameter into a constant (a frozen copy)."""
+        if self.live and any(isinstance(v, Tensor) and v.requires_grad for v in values):
+            raise self.fail(
+                f"live mode: {what} on a trainable parameter would be folded into a frozen copy; compute it inside "
+                "an nn.Linear/nn.Conv2d or build a snapshot network (live=False)"
+            )
 
     def per_sample_const(self, c: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
         """Check that a constant broadcast against ``(N, *shape)`` keeps the per-sample shape; drop a batch dim."""
@@ -291,7 +331,7 @@ class _Builder:
     def linear(self, name: str, x: _Ref, w: Any, b: Any) -> _Ref:
         if not isinstance(w, Tensor) or (b is not None and not isinstance(b, Tensor)):
             raise self.fail("linear: weight and bias must be constants")
-        return self.add(name, LinearOp(self.const(w), None if b is None else self.const(b)), [x])
+        return self.add(name, LinearOp(self.param(w), None if b is None else self.param(b)), [x])
 
     def conv2d(self, name: str, x: _Ref, w: Any, b: Any, stride: Any, padding: Any, dilation: Any, groups: int) -> _Ref:
         if not isinstance(w, Tensor) or (b is not None and not isinstance(b, Tensor)):
@@ -312,8 +352,8 @@ class _Builder:
         else:
             pad = _pair(padding)
         op = Conv2dOp(
-            self.const(w),
-            None if b is None else self.const(b),
+            self.param(w),
+            None if b is None else self.param(b),
             stride=_pair(stride),
             padding=pad,
             dilation=dil,
@@ -350,6 +390,14 @@ class _Builder:
         return self.add(name, op, [x])
 
     def batchnorm(self, name: str, x: _Ref, m: nn.modules.batchnorm._BatchNorm, fx_input: fx.Node) -> _Ref:
+        if self.live:
+            # Folded or not, the eval-mode affine map would be computed once from the current statistics and
+            # parameters, a snapshot inside a network that promises to follow the model (and in training mode
+            # BatchNorm uses batch statistics, which no fixed operator represents).
+            raise self.fail(
+                "BatchNorm is not supported in live mode (certified training); remove it or build a snapshot "
+                "network (live=False)"
+            )
         if m.running_mean is None or m.running_var is None:
             raise self.fail("BatchNorm without running statistics (track_running_stats=False) is not supported")
         var = m.running_var.detach().to(self.dtype)
@@ -393,12 +441,12 @@ class _Builder:
         if isinstance(m, (nn.Identity, nn.Dropout)):
             return x
         if isinstance(m, nn.Linear):
-            return self.linear(name, x, m.weight.detach(), None if m.bias is None else m.bias.detach())
+            return self.linear(name, x, self.weight(m.weight), None if m.bias is None else self.weight(m.bias))
         if isinstance(m, nn.Conv2d):
             if m.padding_mode != "zeros":
                 raise self.fail(f"Conv2d with padding_mode={m.padding_mode!r} is not supported")
-            b = None if m.bias is None else m.bias.detach()
-            return self.conv2d(name, x, m.weight.detach(), b, m.stride, m.padding, m.dilation, m.groups)
+            b = None if m.bias is None else self.weight(m.bias)
+            return self.conv2d(name, x, self.weight(m.weight), b, m.stride, m.padding, m.dilation, m.groups)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return self.batchnorm(name, x, m, n.args[0])  # type: ignore[arg-type]
         if isinstance(m, nn.ReLU):
@@ -444,6 +492,10 @@ class _Builder:
         if isinstance(m, Normalize):
             return self.normalize(name, x, m.mean.detach(), m.std.detach())
         raise self.fail(f"unsupported module {type(m).__name__}")
+
+    def weight(self, t: Tensor) -> Tensor:
+        """A module's parameter as read from the model: itself in live mode, detached otherwise."""
+        return t if self.live else t.detach()
 
     def normalize(self, name: str, x: _Ref, mean: Tensor, std: Tensor) -> _Ref:
         shape = self.nodes[x].shape
@@ -536,6 +588,7 @@ class _Builder:
             # Constant folding: nothing here depends on the network input.
             if any(isinstance(a, (_Shape, _Batch)) for a in list(args) + list(kwargs.values())):
                 raise self.fail(f"{_target_name(f)} on the batch size")
+            self.no_live_folding(_target_name(f), list(args) + list(kwargs.values()))
             try:
                 with torch.no_grad():
                     return f(*args, **kwargs)  # type: ignore[operator]
@@ -621,6 +674,7 @@ class _Builder:
         if not isinstance(self_arg, _Ref):
             if any(isinstance(a, _Ref) for a in rest):
                 raise self.fail(f"method {meth} of a constant applied to a network tensor")
+            self.no_live_folding(f"Tensor.{meth}", [self_arg, *rest, *kwargs.values()])
             try:
                 with torch.no_grad():
                     return getattr(self_arg, meth)(*rest, **kwargs)
@@ -678,7 +732,10 @@ class _Builder:
                 obj: Any = self.root
                 for part in str(n.target).split("."):
                     obj = getattr(obj, part)
-                self.env[n.name] = obj.detach().to(self.device) if isinstance(obj, Tensor) else obj
+                if isinstance(obj, Tensor):
+                    # live mode keeps trainable tensors themselves (they may only feed F.linear / F.conv2d)
+                    obj = obj if self.live and obj.requires_grad else obj.detach().to(self.device)
+                self.env[n.name] = obj
             elif n.op == "call_module":
                 self.env[n.name] = self.module(n)
             elif n.op == "call_function":
@@ -707,21 +764,23 @@ class Network:
         nodes: the nodes in topological order (dict order).
     """
 
-    def __init__(self, nodes: dict[str, Node], input_name: str, output_name: str) -> None:
+    def __init__(self, nodes: dict[str, Node], input_name: str, output_name: str, *, live: bool = False) -> None:
         if input_name not in nodes or output_name not in nodes:
             raise InputError("Network: input_name and output_name must be nodes of the graph")
         # Keep only the ancestors of the output (dead branches would only cost time).
-        live = {output_name}
+        needed = {output_name}
         for name in reversed(list(nodes)):
-            if name in live:
-                live.update(nodes[name].inputs)
-        self.nodes = {k: v for k, v in nodes.items() if k in live}
+            if name in needed:
+                needed.update(nodes[name].inputs)
+        self.nodes = {k: v for k, v in nodes.items() if k in needed}
         self.nodes.setdefault(input_name, nodes[input_name])
         if next(iter(self.nodes)) != input_name:
             self.nodes = {input_name: nodes[input_name], **{k: v for k, v in self.nodes.items() if k != input_name}}
         self.input_name = input_name
         self.output_name = output_name
         self.input_shape = tuple(nodes[input_name].shape)
+        #: True when the operators hold the model's parameters themselves (see :meth:`from_module`).
+        self.live = bool(live)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -729,15 +788,27 @@ class Network:
         return self.nodes[self.output_name].shape
 
     @classmethod
-    def from_module(cls, model: nn.Module, input_shape: Sequence[int]) -> Network:
+    def from_module(cls, model: nn.Module, input_shape: Sequence[int], *, live: bool = False) -> Network:
         """Build the IR of a PyTorch model by ``torch.fx`` symbolic tracing.
 
-        The model is read in eval-mode semantics (BatchNorm running statistics, Dropout off) and its parameters are
-        copied, so later changes to the model do not affect the network.
+        The model is read in eval-mode semantics (BatchNorm running statistics, Dropout off). By default its
+        parameters are copied, so later changes to the model do not affect the network.
+
+        With ``live=True`` the weights and biases of ``nn.Linear`` / ``nn.Conv2d`` (and of ``F.linear`` /
+        ``F.conv2d`` on module attributes) are the model's parameter tensors themselves, not copies: bounds from
+        :func:`~bastion.verify.bounds.compute_bounds` are then differentiable in the parameters and reflect their
+        current values after every in-place update (an optimiser step), so the network is built once per training
+        run. Live mode refuses (InputError) anything that would freeze a trainable tensor into a copy: BatchNorm
+        (its eval-mode affine map is a function of statistics and parameters computed once; certified-training
+        networks use none), a trainable parameter used in other arithmetic, or folded into a constant. Frozen
+        tensors (``requires_grad=False``, buffers such as :class:`~bastion.models.Normalize`'s mean and std) are
+        copied as usual. A live network must be bounded on the parameters' device and dtype (:meth:`to` refuses to
+        convert it).
 
         Args:
             model: the model; one tensor input, one tensor output.
             input_shape: per-sample input shape, without the batch dimension.
+            live: hold the model's parameters instead of copies (differentiable bounds for certified training).
 
         Returns:
             The network.
@@ -768,9 +839,9 @@ class Network:
                 f"Network.from_module: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
                 "remove data-dependent control flow or export the model to ONNX"
             ) from exc
-        builder = _Builder(model, shape, device, dtype)
+        builder = _Builder(model, shape, device, dtype, live=bool(live))
         input_name, output_name = builder.build(graph)
-        return cls(builder.nodes, input_name, output_name)
+        return cls(builder.nodes, input_name, output_name, live=bool(live))
 
     def forward(self, x: Tensor) -> Tensor:
         """Evaluate the network on a batch ``(N, *input_shape)``."""
@@ -804,12 +875,58 @@ class Network:
         return [n for n, node in self.nodes.items() if node.op.nonlinear]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Network:
-        """A copy with every constant moved to ``device`` / cast to ``dtype``."""
+        """A copy with every constant moved to ``device`` / cast to ``dtype``.
+
+        Raises:
+            InputError: for a live network when a parameter would change device or dtype (the copy would no longer
+                follow the model).
+        """
+        if self.live:
+            for node in self.nodes.values():
+                for value in vars(node.op).values():
+                    if isinstance(value, Tensor) and value.requires_grad:
+                        want = None if device is None else torch.device(device)
+                        same_dev = want is None or (
+                            value.device.type == want.type and want.index in (None, value.device.index)
+                        )
+                        same_dtype = dtype is None or value.dtype == dtype
+                        if not (same_dev and same_dtype):
+                            raise InputError(
+                                f"Network.to: a live network holds the model's parameters ({value.device}, "
+                                f"{value.dtype}); bound it with inputs of that device and dtype, or move the model "
+                                "and rebuild the network"
+                            )
         nodes = {k: Node(v.name, v.op.to(device, dtype), v.inputs, v.shape) for k, v in self.nodes.items()}
-        return Network(nodes, self.input_name, self.output_name)
+        return Network(nodes, self.input_name, self.output_name, live=self.live)
 
     def __repr__(self) -> str:
         lines = [f"Network(input={self.input_name} {self.input_shape}, output={self.output_name})"]
         for node in self.nodes.values():
             lines.append(f"  {node.name}: {node.op!r}({', '.join(node.inputs)}) -> {node.shape}")
         return "\n".join(lines)
+
+
+def as_network(model: nn.Module | Network, input_shape: Sequence[int] | None = None) -> Network:
+    """The verification IR of ``model``; a :class:`Network` is returned as it is.
+
+    Args:
+        model: a ``Network`` or a ``torch.nn.Module`` (traced by :meth:`Network.from_module`).
+        input_shape: per-sample input shape; defaults to ``model.input_shape`` (set on modules loaded by
+            :func:`bastion.models.onnx.load_onnx`). For a ``Network`` it is checked against the network's.
+
+    Raises:
+        InputError: the shape is unknown or does not match, or the model cannot be traced.
+    """
+    shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+    if isinstance(model, Network):
+        if shape is not None and tuple(model.input_shape) != shape:
+            raise InputError(f"the network takes inputs of shape {tuple(model.input_shape)}, not {shape}")
+        return model
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected a torch.nn.Module or a bastion Network, got {type(model).__name__}")
+    if shape is None:
+        given = getattr(model, "input_shape", None)
+        if given is None:
+            raise InputError("the model's input shape is unknown: pass input_shape (per sample, without the batch)")
+        shape = tuple(int(d) for d in given)
+    return Network.from_module(model, shape)

@@ -205,6 +205,15 @@ class Conv2dOp(LinearBoundOp):
     def backward(self, A: Tensor) -> tuple[list[Tensor], Tensor]:
         n, m = A.shape[:2]
         flat = A.reshape(n * m, *self.out_shape)
+        bias = (A.flatten(3).sum(-1) * self.bias).sum(-1)
+        kh, kw = self.weight.shape[2:]
+        full = tuple(self.dilation[i] * ((kh, kw)[i] - 1) - self.padding[i] for i in range(2))
+        if self.stride == (1, 1) and self.groups == 1 and self.output_padding == (0, 0) and min(full) >= 0:
+            # With unit stride the transposed convolution is a plain convolution with the flipped, channel-swapped
+            # kernel, which PyTorch's CPU kernels run about twice as fast.
+            flipped = self.weight.flip(2, 3).transpose(0, 1)
+            back = F.conv2d(flat, flipped, None, 1, full, self.dilation)
+            return [back.reshape(n, m, *self.in_shape)], bias
         back = F.conv_transpose2d(
             flat,
             self.weight,
@@ -215,8 +224,42 @@ class Conv2dOp(LinearBoundOp):
             self.groups,
             self.dilation,
         )
-        bias = (A.flatten(3).sum(-1) * self.bias).sum(-1)
         return [back.reshape(n, m, *self.in_shape)], bias
+
+    def backward_window(self, t: Tensor, y0: int, x0: int) -> tuple[list[tuple[Tensor, int, int]], Tensor] | None:
+        """:meth:`backward` for coefficients that are zero outside a window of the output.
+
+        Args:
+            t: ``(N, m, C_out, h, w)`` coefficients on output rows ``y0:y0+h`` and columns ``x0:x0+w``.
+            y0: first row of the window.
+            x0: first column.
+
+        Returns:
+            ``([(t_in, y0_in, x0_in)], bias)``: the coefficients on the window of the input that the output window
+            reads (clipped to the image; reads of the zero padding are dropped), or None when not applicable.
+        """
+        if len(self.in_shape) != 3:
+            return None
+        n, m, c, h, w = t.shape
+        flat = t.reshape(n * m, c, h, w)
+        if self.stride == (1, 1) and self.groups == 1:
+            # As in backward: a unit-stride transposed convolution (here without padding, the full output) is a plain
+            # convolution with the flipped kernel, much faster on CPU.
+            kh, kw = self.weight.shape[2:]
+            full = (self.dilation[0] * (kh - 1), self.dilation[1] * (kw - 1))
+            res = F.conv2d(flat, self.weight.flip(2, 3).transpose(0, 1), None, 1, full, self.dilation)
+        else:
+            res = F.conv_transpose2d(flat, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        # res[..., 0, 0] is input pixel (y0 * stride - padding, x0 * stride - padding), possibly in the padding.
+        sy, sx = y0 * self.stride[0] - self.padding[0], x0 * self.stride[1] - self.padding[1]
+        big_h, big_w = self.in_shape[1:]
+        ly, lx = max(0, -sy), max(0, -sx)
+        hy, hx = min(res.shape[-2], big_h - sy), min(res.shape[-1], big_w - sx)
+        if hy <= ly or hx <= lx:
+            return None
+        t_in = res[..., ly:hy, lx:hx].reshape(n, m, self.in_shape[0], hy - ly, hx - lx)
+        bias = (t.sum((-2, -1)) * self.bias).sum(-1)
+        return [(t_in, sy + ly, sx + lx)], bias
 
 
 class ChannelAffineOp(LinearBoundOp):
@@ -246,6 +289,23 @@ class ChannelAffineOp(LinearBoundOp):
     def backward(self, A: Tensor) -> tuple[list[Tensor], Tensor]:
         shape = A.shape[2:]
         return [A * self.scale.expand(shape)], _sum_tail(A * self.shift.expand(shape))
+
+    def backward_window(self, t: Tensor, y0: int, x0: int) -> tuple[list[tuple[Tensor, int, int]], Tensor] | None:
+        """:meth:`backward` on a window of a ``(C, H, W)`` tensor (see :meth:`Conv2dOp.backward_window`)."""
+        h, w = t.shape[-2:]
+
+        def crop(v: Tensor) -> Tensor:
+            # Broadcasting aligns the constant's last two dims with (H, W); only extents > 1 need cropping.
+            if v.dim() >= 1 and v.shape[-1] > 1:
+                v = v[..., x0 : x0 + w]
+            if v.dim() >= 2 and v.shape[-2] > 1:
+                v = v[..., y0 : y0 + h, :]
+            return v
+
+        if self.scale.dim() > 3 or self.shift.dim() > 3:
+            return None
+        scale, shift = crop(self.scale), crop(self.shift)
+        return [(t * scale, y0, x0)], _sum_tail(t * shift.expand(t.shape[2:]))
 
 
 class ReindexOp(LinearBoundOp):
@@ -351,6 +411,10 @@ class AddOp(LinearBoundOp):
     def backward(self, A: Tensor) -> tuple[list[Tensor], Tensor]:
         return [A, A], A.new_zeros(A.shape[:2])
 
+    def backward_window(self, t: Tensor, y0: int, x0: int) -> tuple[list[tuple[Tensor, int, int]], Tensor] | None:
+        """:meth:`backward` on a window (see :meth:`Conv2dOp.backward_window`)."""
+        return [(t, y0, x0), (t, y0, x0)], t.new_zeros(t.shape[:2])
+
 
 class SubOp(LinearBoundOp):
     """Difference of two IR tensors of the same shape."""
@@ -364,6 +428,10 @@ class SubOp(LinearBoundOp):
 
     def backward(self, A: Tensor) -> tuple[list[Tensor], Tensor]:
         return [A, -A], A.new_zeros(A.shape[:2])
+
+    def backward_window(self, t: Tensor, y0: int, x0: int) -> tuple[list[tuple[Tensor, int, int]], Tensor] | None:
+        """:meth:`backward` on a window (see :meth:`Conv2dOp.backward_window`)."""
+        return [(t, y0, x0), (-t, y0, x0)], t.new_zeros(t.shape[:2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,6 +510,30 @@ class ElementwiseOp(NonlinearBoundOp):
         lw, lb, uw, ub = (_bcast(t, A) for t in (lw, lb, uw, ub))
         return pos * lw + neg * uw, _sum_tail(pos * lb + neg * ub)
 
+    def backward_bound_window(
+        self, t: Tensor, y0: int, x0: int, lo: Tensor, hi: Tensor, *, mode: str = "crown"
+    ) -> tuple[Tensor, int, int, Tensor] | None:
+        """:meth:`backward_bound` for coefficients ``t`` ``(N, m, C, h, w)`` on a window of a ``(C, H, W)`` tensor.
+
+        Args:
+            t: the coefficients on rows ``y0:y0+h``, columns ``x0:x0+w`` of the output (zero elsewhere).
+            y0: first row.
+            x0: first column.
+            lo: ``(N, C, H, W)`` input lower bounds (whole tensor).
+            hi: input upper bounds.
+            mode: relaxation rules.
+
+        Returns:
+            ``(t_in, y0_in, x0_in, bias)``, or None when not applicable.
+        """
+        if lo.dim() != 4:
+            return None
+        h, w = t.shape[-2:]
+        a_in, bias = self.backward_bound(
+            t, lo[..., y0 : y0 + h, x0 : x0 + w], hi[..., y0 : y0 + h, x0 : x0 + w], mode=mode
+        )
+        return a_in, y0, x0, bias
+
 
 class LeakyReLUOp(ElementwiseOp):
     """``max(x, 0) + slope * min(x, 0)`` for ``slope <= 1`` (convex); ReLU is ``slope = 0``.
@@ -490,6 +582,17 @@ class LeakyReLUOp(ElementwiseOp):
             lw = torch.where(unstable.unsqueeze(1), alpha.clamp(min=min(a, 1.0), max=1.0), stable_w.unsqueeze(1))
         lb = torch.zeros_like(lo)
         return lw, lb, uw, ub
+
+    def backward_bound(
+        self, A: Tensor, lo: Tensor, hi: Tensor, *, alpha: Tensor | None = None, mode: str = "crown"
+    ) -> tuple[Tensor, Tensor]:
+        # Same result as ElementwiseOp.backward_bound with fewer passes over A (the costliest tensor of CROWN on
+        # conv layers): the lower line has no offset, and the upper-line offsets are summed by a batched product.
+        lw, _, uw, ub = self.relax(lo, hi, alpha, mode=mode)
+        n, m = A.shape[:2]
+        a_in = torch.where(A >= 0, _bcast(lw, A), _bcast(uw, A)) * A
+        bias = torch.bmm(A.clamp(max=0).reshape(n, m, -1), ub.reshape(n, -1, 1)).squeeze(-1)
+        return a_in, bias
 
     def bound_mask(self, lo: Tensor, hi: Tensor) -> Tensor:
         # A stable neuron is relaxed exactly (identity or the negative slope) whatever its bounds.
@@ -677,6 +780,42 @@ class MaxPool2dOp(NonlinearBoundOp):
         out = out.scatter_add(2, src.unsqueeze(1).expand(n, m, -1), coef)
         bias = (neg * torch.where(dominated, torch.zeros_like(max_hi), max_hi).unsqueeze(1)).sum(-1)
         return out.reshape(n, m, *self.in_shape), bias
+
+    def backward_bound_window(
+        self, t: Tensor, y0: int, x0: int, lo: Tensor, hi: Tensor, *, mode: str = "crown"
+    ) -> tuple[Tensor, int, int, Tensor] | None:
+        """:meth:`backward_bound` on a window of the output (see :meth:`ElementwiseOp.backward_bound_window`)."""
+        n, m, c, h, w = t.shape
+        big_c, big_h, big_w = self.in_shape
+        _, out_h, out_w = self.out_shape
+        dev = self.windows.device
+        chans = torch.arange(c, device=dev).view(c, 1, 1)
+        rows = torch.arange(y0, y0 + h, device=dev).view(1, h, 1)
+        cols = torch.arange(x0, x0 + w, device=dev).view(1, 1, w)
+        outs = ((chans * out_h + rows) * out_w + cols).reshape(-1)
+        safe, valid = self.safe[outs], self.valid[outs]
+        wl = lo.reshape(n, -1)[:, safe].masked_fill(~valid, float("-inf"))
+        wh = hi.reshape(n, -1)[:, safe].masked_fill(~valid, float("-inf"))
+        best = wl.argmax(-1)
+        best_lo = wl.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+        others_hi = wh.scatter(-1, best.unsqueeze(-1), float("-inf")).amax(-1)
+        dominated = best_lo >= others_hi
+        src = safe.unsqueeze(0).expand(n, -1, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
+        max_hi = wh.amax(-1)
+        # The input window read by the output window, clipped to the image.
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        iy0, ix0 = max(0, y0 * sh - ph), max(0, x0 * sw - pw)
+        iy1 = min(big_h, (y0 + h - 1) * sh - ph + dh * (kh - 1) + 1)
+        ix1 = min(big_w, (x0 + w - 1) * sw - pw + dw * (kw - 1) + 1)
+        wh_in, ww_in = iy1 - iy0, ix1 - ix0
+        ch, yy, xx = src // (big_h * big_w), (src // big_w) % big_h, src % big_w
+        local = (ch * wh_in + (yy - iy0)) * ww_in + (xx - ix0)
+        a = t.reshape(n, m, -1)
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        coef = pos + neg * dominated.unsqueeze(1).to(a.dtype)
+        out = a.new_zeros(n, m, big_c * wh_in * ww_in).scatter_add(2, local.unsqueeze(1).expand(n, m, -1), coef)
+        bias = (neg * torch.where(dominated, torch.zeros_like(max_hi), max_hi).unsqueeze(1)).sum(-1)
+        return out.reshape(n, m, big_c, wh_in, ww_in), iy0, ix0, bias
 
 
 # ---------------------------------------------------------------------------------------------------------------

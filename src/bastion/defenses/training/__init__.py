@@ -5,13 +5,15 @@ data parallelism; :func:`train` is the small loop for quick models. Objectives, 
 (:class:`FGSMAT`), PGD-AT (:class:`PGDAT`), Free-AT (:class:`FreeAT`), Fast-AT (:class:`FastAT`), TRADES
 (:class:`TRADES`), MART (:class:`MART`), VAT (:class:`VAT`), WRM (:class:`WRM`), feature scattering
 (:class:`FeatureScattering`), AT with shift consistency (:class:`ATSCR`), latent-manifold AT
-(:class:`LatentManifoldAT`) and Gaussian-noise training for randomized smoothing (:class:`GaussianNoise`). The shared
-inner maximisation is :func:`pgd_perturb`; :func:`make_objective` builds any of them by name.
+(:class:`LatentManifoldAT`), Gaussian-noise training for randomized smoothing (:class:`GaussianNoise`) and certified
+training with IBP (:class:`IBPTraining`) and CROWN-IBP (:class:`CROWNIBP`), measured by :func:`verified_accuracy`.
+The shared inner maximisation is :func:`pgd_perturb`; :func:`make_objective` builds any of them by name.
 """
 
 from __future__ import annotations
 
 from bastion.defenses.training.at_scr import ATSCR
+from bastion.defenses.training.certified import CROWNIBP, IBPTraining, verified_accuracy
 from bastion.defenses.training.fast_at import FastAT
 from bastion.defenses.training.feature_scattering import FeatureScattering
 from bastion.defenses.training.fgsm_at import FGSMAT
@@ -38,6 +40,7 @@ from bastion.defenses.training.wrm import WRM
 
 __all__ = [
     "ATSCR",
+    "CROWNIBP",
     "FGSMAT",
     "MART",
     "OBJECTIVES",
@@ -51,6 +54,7 @@ __all__ = [
     "FeatureScattering",
     "FreeAT",
     "GaussianNoise",
+    "IBPTraining",
     "LatentDiscriminator",
     "LatentManifoldAT",
     "Objective",
@@ -63,4 +67,5 @@ __all__ = [
     "pgd_perturb",
     "train",
     "unwrap",
+    "verified_accuracy",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.defenses.training.at_scr import ATSCR
+from bastion.defenses.training.certified import CROWNIBP, IBPTraining
 from bastion.defenses.training.fast_at import FastAT
 from bastion.defenses.training.feature_scattering import FeatureScattering
 from bastion.defenses.training.fgsm_at import FGSMAT
@@ -46,6 +47,8 @@ OBJECTIVES: dict[str, tuple[Callable[..., Any], bool]] = {
     "at-scr": (ATSCR, True),
     "latent-manifold": (LatentManifoldAT, True),
     "gaussian-noise": (GaussianNoise, False),
+    "ibp": (IBPTraining, True),
+    "crown-ibp": (CROWNIBP, True),
 }
 
 

@@ -1,0 +1,399 @@
+"""``assess``: the attack -> certify -> complete-search pipeline, and the bracket ``[certified, found]`` per sample.
+
+Attacks give upper bounds on the minimal adversarial distance of a sample, verifiers lower bounds; neither alone
+says how robust a model is. :func:`assess` runs them in the order of their cost, each on what the cheaper ones
+left undecided at the threat's radius ``eps``:
+
+1. clean misclassifications are ``falsified`` (distance 0);
+2. a cheap fixed-eps attack cascade (by default AutoAttack's ``rapid`` preset, APGD-CE then APGD-T, Croce & Hein,
+   ICML 2020), run as :func:`bastion.evaluate` runs it: each attack on the points every earlier one failed on;
+   a success (re-verified by the attack base class: inside the ball and the domain, re-predicted) is ``falsified``;
+3. a minimal-distortion attack (FAB by default, Croce & Hein, ICML 2020) on every correctly classified sample: the
+   closest adversarial example found is the upper end of the bracket (and falsifies the sample if it lies inside
+   the ball);
+4. incomplete verifiers on the survivors, cheapest first: IBP -> CROWN -> alpha-CROWN (any of
+   :data:`~bastion.verify.certify.METHODS`); a proof is ``robust``;
+5. complete search (:func:`bastion.verify.bab.verify`, or the MILP of :mod:`bastion.verify.milp` where branch and
+   bound is not available) on what is left, within ``budget`` seconds per sample (l-inf only: the complete
+   methods take box specifications); a counterexample is re-executed on the model before it falsifies a sample;
+6. the certified radius of every correctly classified sample by bisection on eps
+   (:func:`~bastion.verify.certify.certified_radius`), the lower end of the bracket.
+
+Each sample ends ``robust``, ``falsified`` or ``unknown`` with ``certified <= found``; a ``robust`` sample's certified
+radius is at least ``eps``. Records go to the store batch by batch (kind ``"assess"``); a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bastion.attacks.base import Attack
+from bastion.attacks.presets import preset
+from bastion.data import Dataset
+from bastion.errors import InputError
+from bastion.evaluate import attack_names
+from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
+from bastion.results import STATUSES, SampleRecord
+from bastion.store import Store, resumable_run
+from bastion.threat import LpBall
+from bastion.verify.bounds import BoundOptions
+from bastion.verify.certify import (
+    CLEAN,
+    _as_dataset,
+    _check_threat,
+    certified_radius,
+    check_method,
+    margin_bounds,
+)
+from bastion.verify.ir import Network, as_network
+from bastion.verify.result import Verdict
+from bastion.verify.spec import Spec
+
+__all__ = ["COMPLETE", "AssessResult", "assess", "summarize_assess"]
+
+#: The ``attack`` field of samples decided by the complete search.
+COMPLETE = "complete"
+
+
+@dataclass
+class AssessResult:
+    """Outcome of :func:`assess`, derived from its per-sample records.
+
+    Attributes:
+        n: number of samples.
+        threat: the threat key.
+        clean_accuracy: fraction classified correctly.
+        fractions: fraction of samples ``robust``, ``falsified`` and ``unknown`` (they add up to 1).
+        decided_by: number of samples decided by each stage (``clean``, attack names, bound methods,
+            ``complete``).
+        records: per-sample records: ``certified`` is the certified radius (lower end of the bracket),
+            ``adv_distance`` the distance of the closest adversarial example found (upper end), ``attack`` the
+            stage that decided the status.
+        counterexamples: adversarial inputs found in this call for the samples it falsified, by sample index
+            (not kept in the store; a resumed run only has those of its own batches).
+        run_id: id of the run in the store, if any.
+        seconds: wall time of this call.
+        notes: remarks on stages that could not run (e.g. no complete search for l2).
+    """
+
+    n: int
+    threat: str
+    clean_accuracy: float
+    fractions: dict[str, float]
+    decided_by: dict[str, int]
+    records: list[SampleRecord] = field(repr=False, default_factory=list)
+    counterexamples: dict[int, Tensor] = field(repr=False, default_factory=dict)
+    run_id: int | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def brackets(self) -> list[tuple[int, float | None, float | None]]:
+        """``(index, certified radius, best adversarial distance)`` per sample, in index order."""
+        return [(r.index, r.certified, r.adv_distance) for r in sorted(self.records, key=lambda r: r.index)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (without the records)."""
+        return {
+            "n": self.n,
+            "threat": self.threat,
+            "clean_accuracy": self.clean_accuracy,
+            "fractions": self.fractions,
+            "decided_by": self.decided_by,
+            "run_id": self.run_id,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        """A plain-text summary: fractions, the stage that decided each sample, and the median bracket."""
+        lines = [f"threat {self.threat}, n = {self.n}, clean accuracy {100 * self.clean_accuracy:.2f}%"]
+        for s in STATUSES:
+            lines.append(f"  {s:<10} {100 * self.fractions.get(s, 0.0):6.2f}%")
+        lines.append("decided by: " + ", ".join(f"{k} {v}" for k, v in self.decided_by.items()))
+        cert = sorted(r.certified for r in self.records if r.certified is not None and r.clean_pred == r.label)
+        found = sorted(r.adv_distance for r in self.records if r.adv_distance is not None and r.clean_pred == r.label)
+        if cert:
+            lines.append(f"median certified radius {cert[len(cert) // 2]:.6g} (over {len(cert)} samples)")
+        if found:
+            lines.append(f"median adversarial distance found {found[len(found) // 2]:.6g} (over {len(found)} samples)")
+        lines.extend(f"note: {m}" for m in self.notes)
+        return "\n".join(lines)
+
+
+def summarize_assess(records: Sequence[SampleRecord], n: int, threat: str) -> AssessResult:
+    """Fractions and per-stage counts from the records (the only place they are computed)."""
+    mine = [r for r in records if r.threat == threat]
+    frac = {s: (sum(r.status == s for r in mine) / n if n else 0.0) for s in STATUSES}
+    decided: dict[str, int] = {}
+    for r in mine:
+        if r.status != "unknown":
+            key = r.attack or "?"
+            decided[key] = decided.get(key, 0) + 1
+    clean = sum(r.clean_pred == r.label for r in mine) / n if n else 0.0
+    return AssessResult(n, threat, clean, frac, decided, list(mine))
+
+
+def _complete_verifier() -> tuple[str, Callable[..., Verdict]] | None:
+    """Branch and bound if available, else the exact MILP (both return a re-executed :class:`Verdict`)."""
+    try:
+        from bastion.verify.bab import verify
+
+        return "bab", lambda net, spec, timeout: verify(net, spec, timeout=timeout)
+    except ImportError:
+        pass
+    try:
+        from bastion.verify.milp import milp_verify
+
+        return "milp", lambda net, spec, timeout: milp_verify(net, spec.regions[0], time_limit=timeout)
+    except ImportError:
+        return None
+
+
+def assess(
+    model: nn.Module,
+    data: Dataset | tuple[Tensor, Tensor],
+    threat: LpBall,
+    *,
+    budget: float = 10.0,
+    attack: str | Attack | Sequence[Attack] = "rapid",
+    minimal_attack: str | Attack | None = "fab",
+    methods: Sequence[str] = ("ibp", "crown", "alpha-crown"),
+    complete: bool = True,
+    radius: bool = True,
+    radius_method: str = "crown",
+    tolerance: float = 1e-3,
+    batch_size: int = 64,
+    store: Store | str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    options: BoundOptions | None = None,
+    config: dict[str, Any] | None = None,
+) -> AssessResult:
+    """Decide each sample ``robust`` / ``falsified`` / ``unknown`` at ``threat`` and bracket its minimal distance.
+
+    Args:
+        model: classifier returning logits ``(N, K)``; traceable into the verification IR.
+        data: a :class:`~bastion.data.Dataset` or a pair ``(x, y)``.
+        threat: an l-inf, l2 or l1 :class:`~bastion.threat.LpBall` with the data's domain.
+        budget: seconds per sample for the complete search (0 skips it).
+        attack: the fixed-eps attack cascade: a preset name (``"rapid"``, ``"standard"``), an attack or a list.
+        minimal_attack: a minimal-distortion attack (name or object) giving the found distance; None skips it
+            (then only the fixed-eps attacks' distances are known).
+        methods: incomplete verifiers in the order they run, from :data:`~bastion.verify.certify.METHODS`.
+        complete: run the complete search on what the verifiers leave (l-inf only).
+        radius: compute the certified radius of every correctly classified sample.
+        radius_method: bound method of the radius bisection.
+        tolerance: relative tolerance of the radius bisection.
+        batch_size: samples per batch and per store transaction.
+        store: a :class:`~bastion.store.Store` or a path; a re-run of the same assessment resumes.
+        seed: seed of the attacks' random numbers (per batch: derived from it and the batch's first index).
+        progress: show a progress bar.
+        options: bound-method hyperparameters.
+        config: extra JSON-able information stored with the run.
+
+    Returns:
+        An :class:`AssessResult`.
+
+    Raises:
+        InputError: on bad arguments.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    data = _as_dataset(data)
+    threat = _check_threat(threat)
+    if threat.domain != data.domain:
+        raise InputError(f"threat {threat!r} has domain {threat.domain} but the data's domain is {data.domain}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 or math.isinf(budget):
+        raise InputError(f"budget must be a finite number of seconds >= 0, got {budget!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(attack, str):
+        attacks = preset(attack, [threat.norm])
+    elif isinstance(attack, Attack):
+        attacks = [attack]
+    else:
+        attacks = list(attack)
+    for a in attacks:
+        if not isinstance(a, Attack):
+            raise InputError(f"attack must be a preset name, an Attack or a list of Attacks, got {a!r}")
+        a._check_threat(threat)
+    minimal: Attack | None
+    if isinstance(minimal_attack, str):
+        from bastion.attacks import make_attack
+
+        minimal = make_attack(minimal_attack)
+    else:
+        minimal = minimal_attack
+    if minimal is not None:
+        if not isinstance(minimal, Attack) or not minimal.minimal:
+            raise InputError(f"minimal_attack must be a minimal-distortion attack (e.g. 'fab'), got {minimal_attack!r}")
+        minimal._check_threat(threat)
+    method_list = [check_method(m) for m in methods]
+    radius_name = check_method(radius_method)
+    opts = options if options is not None else BoundOptions()
+    names = attack_names([*attacks, *([minimal] if minimal is not None else [])])
+    notes: list[str] = []
+    verifier = None
+    if complete and budget > 0:
+        if threat.norm != "linf":
+            notes.append(f"no complete search for the {threat.norm} norm (complete methods take boxes)")
+        else:
+            verifier = _complete_verifier()
+            if verifier is None:
+                notes.append("no complete verifier is available (bastion.verify.bab / milp missing)")
+    n = len(data)
+    net = as_network(model, data.feature_shape)
+    device = model_device(model)
+    payload = {
+        "threat": threat.key, "attacks": [repr(a) for a in attacks], "minimal": repr(minimal), "methods": method_list,
+        "complete": verifier[0] if verifier is not None else None, "budget": float(budget), "radius": bool(radius),
+        "radius_method": radius_name, "tolerance": tolerance, "seed": seed, "options": vars(opts),
+    }  # fmt: skip
+    counterexamples: dict[int, Tensor] = {}
+    with resumable_run(
+        store, kind="assess", payload=payload, fingerprints=lambda: (model_fingerprint(model), data.fingerprint()),
+        n_samples=n, threats=[threat.key], config={"batch_size": batch_size, **(config or {})},
+    ) as run:  # fmt: skip
+        with eval_mode(model):
+            for idx, xb, yb in run.batches(data, batch_size, desc="assess", progress=progress):
+                batch, cex = _assess_batch(
+                    model, net, xb.to(device), yb.to(device), idx, threat,
+                    attacks=attacks, minimal=minimal, names=names, methods=method_list, verifier=verifier,
+                    budget=float(budget), radius=radius, radius_method=radius_name, tolerance=tolerance,
+                    options=opts, seed=seed * 1_000_003 + int(idx[0]),
+                )  # fmt: skip
+                counterexamples.update(cex)
+                run.write(batch)
+        result = summarize_assess(run.records(threat.key), n, threat.key)
+        result.counterexamples = counterexamples
+        result.notes = notes
+        return run.finish(result, started=t_start)
+
+
+def _assess_batch(
+    model: nn.Module,
+    net: Network,
+    x: Tensor,
+    y: Tensor,
+    idx: Tensor,
+    threat: LpBall,
+    *,
+    attacks: list[Attack],
+    minimal: Attack | None,
+    names: list[str],
+    methods: list[str],
+    verifier: tuple[str, Callable[..., Verdict]] | None,
+    budget: float,
+    radius: bool,
+    radius_method: str,
+    tolerance: float,
+    options: BoundOptions,
+    seed: int,
+) -> tuple[list[SampleRecord], dict[int, Tensor]]:
+    t0 = time.perf_counter()
+    n = x.shape[0]
+    with torch.no_grad():
+        logits = model(x)
+    k = check_logits(logits, n)
+    pred = logits.argmax(1)
+    correct = pred == y
+    # decided[j]: the stage that settled sample j ('' while open); status follows from it.
+    decided = ["" if bool(c) else CLEAN for c in correct.tolist()]
+    status = ["unknown" if bool(c) else "falsified" for c in correct.tolist()]
+    found = torch.where(correct, math.inf, 0.0).to(device=x.device, dtype=torch.float64)
+    adv: dict[int, Tensor] = {}
+
+    def open_idx() -> Tensor:
+        return torch.tensor([j for j in range(n) if not decided[j]], dtype=torch.long, device=x.device)
+
+    def record_adv(rows: Tensor, res_x: Tensor, dist: Tensor, stage: str, *, inside: Tensor) -> None:
+        for r, xa, d, ins in zip(rows.tolist(), res_x, dist.tolist(), inside.tolist()):
+            if d < found[r]:
+                found[r] = d
+                adv[r] = xa.detach().clone()
+            if ins and not decided[r]:
+                decided[r], status[r] = stage, "falsified"
+
+    # 2. fixed-eps attack cascade on the open points
+    for attack, name in zip(attacks, names):
+        run = open_idx()
+        if run.numel() == 0:
+            break
+        res = attack(model, x[run], y[run], threat=threat, seed=seed)
+        hit = res.success & threat.contains(res.x_adv, x[run])
+        record_adv(run[hit], res.x_adv[hit], res.distance[hit], name, inside=hit[hit])
+    # 3. minimal attack on every correctly classified point: the upper end of the bracket
+    if minimal is not None:
+        run = correct.nonzero().squeeze(1)
+        if run.numel():
+            res = minimal(model, x[run], y[run], threat=threat, seed=seed)
+            ok = res.success
+            # as in bastion.evaluate: a minimal attack settles the radius eps when its distance is within it
+            inside = res.distance[ok] <= threat.eps
+            record_adv(run[ok], res.x_adv[ok], res.distance[ok], names[-1], inside=inside)
+    # 4. incomplete verifiers, cheapest first, on what is still open
+    for method in methods:
+        run = open_idx()
+        if run.numel() == 0:
+            break
+        with torch.no_grad():
+            lb = margin_bounds(net, x[run], y[run], threat, method=method, options=options)
+        for j in run[(lb > 0).all(1)].tolist():
+            decided[j], status[j] = method, "robust"
+    # 5. complete search within the per-sample budget
+    if verifier is not None:
+        _, verify = verifier
+        for j in open_idx().tolist():
+            spec = Spec.robustness(x[j], int(y[j]), threat, k)
+            try:
+                verdict = verify(net, spec, budget)
+            except InputError:
+                break  # the network is outside what the complete method handles (e.g. sigmoid for MILP)
+            if verdict.status == "verified":
+                decided[j], status[j] = COMPLETE, "robust"
+            elif verdict.status == "falsified" and verdict.counterexample is not None:
+                cex = verdict.counterexample.to(x).reshape(1, *x.shape[1:])
+                # re-executed on the model itself (not the IR) and checked against the threat set
+                with torch.no_grad():
+                    broken = bool(model(cex).argmax(1)[0] != y[j])
+                if broken and bool(threat.contains(cex, x[j : j + 1])[0]):
+                    dist = threat.distance(cex, x[j : j + 1])
+                    record_adv(torch.tensor([j]), cex, dist, COMPLETE, inside=torch.tensor([True]))
+    # 6. certified radius (the lower end of the bracket)
+    cert = torch.zeros(n, dtype=torch.float64, device=x.device)
+    sel = correct.nonzero().squeeze(1)
+    if radius and sel.numel():
+        r = certified_radius(net, x[sel], y[sel], threat, method=radius_method, tolerance=tolerance, options=options)
+        cert[sel] = r.to(cert.dtype)
+        for j in sel.tolist():
+            # the bisection probes eps first: a sample it certifies there is proven even if no earlier stage was
+            if not decided[j] and float(cert[j]) >= threat.eps:
+                decided[j], status[j] = radius_method, "robust"
+    share = (time.perf_counter() - t0) / max(n, 1)
+    out = []
+    for j in range(n):
+        c: float | None
+        if not bool(correct[j]):
+            c = 0.0
+        elif status[j] == "robust":
+            c = max(float(cert[j]), threat.eps)  # proven at eps by the stage that decided it
+        else:
+            c = float(cert[j]) if radius else None
+        d = float(found[j])
+        out.append(
+            SampleRecord(
+                index=int(idx[j]), threat=threat.key, label=int(y[j]), clean_pred=int(pred[j]), status=status[j],  # type: ignore[arg-type]
+                adv_distance=d if math.isfinite(d) else None, certified=c, attack=decided[j] or None, seconds=share,
+            )
+        )  # fmt: skip
+    cex_out = {int(idx[j]): v for j, v in adv.items() if status[j] == "falsified"}
+    return out, cex_out

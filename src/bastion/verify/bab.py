@@ -103,8 +103,9 @@ class _Clock:
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def out(self) -> bool:
-        return time.perf_counter() >= self.deadline
+    def out(self, step: float = 0.0) -> bool:
+        """Whether the budget is spent, or would be by one more step of ``step`` seconds (stop before overrunning)."""
+        return time.perf_counter() + step >= self.deadline
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -303,12 +304,16 @@ def _bab_input(conj: _Conj, settings: _Settings, clock: _Clock, gen: torch.Gener
     proven = math.inf  # lowest bound among sub-boxes proven safe
     domains, iteration = 1, 0
     n_in = conj.lower[0].numel()
+    last_round, round_start = 0.0, time.perf_counter()
     while True:
+        last_round = time.perf_counter() - round_start
         if pool_lb.numel() == 0:
             return Verdict("verified", None, None, proven, clock.elapsed(), "bab-input", domains)
         worst = min(proven, float(pool_lb.min()))
-        if clock.out():
+        # the next round takes about as long as the last one: stop now rather than overrun the budget
+        if clock.out(step=last_round):
             return Verdict("timeout", None, None, worst, clock.elapsed(), "bab-input", domains)
+        round_start = time.perf_counter()
         if pool_lb.numel() > settings.max_domains:
             return Verdict("unknown", None, None, worst, clock.elapsed(), "bab-input", domains)
         iteration += 1
@@ -528,13 +533,17 @@ def _bab_relu(conj: _Conj, settings: _Settings, clock: _Clock, gen: torch.Genera
     pool_lb, pool_row = lb, row
     proven = math.inf
     domains, iteration, unknown_leaves = 1, 0, 0
+    last_round, round_start = 0.0, time.perf_counter()
     while True:
+        last_round = time.perf_counter() - round_start
         if pool_lb.numel() == 0:
             status = "unknown" if unknown_leaves else "verified"
             return Verdict(status, None, None, proven, clock.elapsed(), "bab-relu", domains)  # type: ignore[arg-type]
         worst = min(proven, float(pool_lb.min()))
-        if clock.out():
+        # the next round takes about as long as the last one: stop now rather than overrun the budget
+        if clock.out(step=last_round):
             return Verdict("timeout", None, None, worst, clock.elapsed(), "bab-relu", domains)
+        round_start = time.perf_counter()
         if pool_lb.numel() > settings.max_domains:
             return Verdict("unknown", None, None, worst, clock.elapsed(), "bab-relu", domains)
         iteration += 1

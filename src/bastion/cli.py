@@ -93,6 +93,21 @@ def _check_device(name: str) -> str:
     return name
 
 
+def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The ``--model`` (checked against the data, moved to ``--device``) and the ``--data`` cut to ``--limit``."""
+    from bastion.data import load_data
+    from bastion.models import load_model
+
+    device = _check_device(args.device) if args.device else None
+    data = load_data(args.data)
+    if args.limit is not None:
+        data = data.subset(slice(0, args.limit))
+    model = load_model(args.model, input_shape=data.feature_shape, num_classes=data.num_classes)
+    if device is not None:
+        model = model.to(device)
+    return model, data
+
+
 def _check_plot_path(path: str) -> Path:
     """Fail before any work if the figure could not be written (missing folder, unknown format)."""
     import matplotlib
@@ -167,19 +182,11 @@ def _print_result(result: Any, as_json: bool) -> None:
 
 # --------------------------------------------------------------------------------------------------- commands
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bastion.data import load_data
     from bastion.evaluate import evaluate
-    from bastion.models import load_model
     from bastion.threat import LpBall
 
     plot = _check_plot_path(args.plot) if args.plot else None
-    device = _check_device(args.device) if args.device else None
-    data = load_data(args.data)
-    if args.limit is not None:
-        data = data.subset(slice(0, args.limit))
-    model = load_model(args.model, input_shape=data.feature_shape, num_classes=data.num_classes)
-    if device is not None:
-        model = model.to(device)
+    model, data = _model_and_data(args)
     threats = [LpBall(args.norm, e) for e in args.eps]
     attacks = _build_attacks(args.attack, _parse_opts(args.attack_opt), args.norm)
     result = evaluate(
@@ -311,18 +318,10 @@ def cmd_attacks(args: argparse.Namespace) -> int:
 
 def cmd_smooth(args: argparse.Namespace) -> int:
     """``bastion smooth certify|predict``: randomized smoothing (Cohen et al., ICML 2019) over a data set."""
-    from bastion.data import load_data
     from bastion.defenses.smoothing import Smooth, evaluate_smoothed
-    from bastion.models import load_model
 
     plot = _check_plot_path(args.plot) if args.plot else None
-    device = _check_device(args.device) if args.device else None
-    data = load_data(args.data)
-    if args.limit is not None:
-        data = data.subset(slice(0, args.limit))
-    model = load_model(args.model, input_shape=data.feature_shape, num_classes=data.num_classes)
-    if device is not None:
-        model = model.to(device)
+    model, data = _model_and_data(args)
     smoothed = Smooth(model, data.num_classes, args.sigma, domain=data.domain)
     result = evaluate_smoothed(
         smoothed, data, mode=args.action, n=args.n, n0=args.n0, alpha=args.alpha, batch_size=args.batch_size,
@@ -447,19 +446,11 @@ reports robust / falsified / unknown with the bracket [certified radius, closest
 
 def _certify_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Model, data and threat of ``bastion certify`` / ``bastion assess``."""
-    from bastion.data import load_data
-    from bastion.models import load_model
     from bastion.threat import LpBall
 
-    device = _check_device(args.device) if args.device else None
     if len(args.eps) != 1:
         raise BastionError(f"--eps takes one radius for {args.command}, got {len(args.eps)}")
-    data = load_data(args.data)
-    if args.limit is not None:
-        data = data.subset(slice(0, args.limit))
-    model = load_model(args.model, input_shape=data.feature_shape, num_classes=data.num_classes)
-    if device is not None:
-        model = model.to(device)
+    model, data = _model_and_data(args)
     return model, data, LpBall(args.norm, args.eps[0], domain=data.domain)
 
 

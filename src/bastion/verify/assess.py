@@ -44,6 +44,7 @@ from bastion.models.checks import check_logits, eval_mode, model_device, model_f
 from bastion.results import STATUSES, SampleRecord
 from bastion.store import Store, resumable_run
 from bastion.threat import LpBall
+from bastion.verify.bab import verify as bab_verify
 from bastion.verify.bounds import BoundOptions
 from bastion.verify.certify import (
     CLEAN,
@@ -141,20 +142,9 @@ def summarize_assess(records: Sequence[SampleRecord], n: int, threat: str) -> As
     return AssessResult(n, threat, clean, frac, decided, list(mine))
 
 
-def _complete_verifier() -> tuple[str, Callable[..., Verdict]] | None:
-    """Branch and bound if available, else the exact MILP (both return a re-executed :class:`Verdict`)."""
-    try:
-        from bastion.verify.bab import verify
-
-        return "bab", lambda net, spec, timeout: verify(net, spec, timeout=timeout)
-    except ImportError:
-        pass
-    try:
-        from bastion.verify.milp import milp_verify
-
-        return "milp", lambda net, spec, timeout: milp_verify(net, spec.regions[0], time_limit=timeout)
-    except ImportError:
-        return None
+def _complete_verifier() -> tuple[str, Callable[..., Verdict]]:
+    """Branch and bound (:func:`bastion.verify.bab.verify`): its verdicts carry re-executed counterexamples."""
+    return "bab", lambda net, spec, timeout: bab_verify(net, spec, timeout=timeout)
 
 
 def assess(
@@ -248,8 +238,6 @@ def assess(
             notes.append(f"no complete search for the {threat.norm} norm (complete methods take boxes)")
         else:
             verifier = _complete_verifier()
-            if verifier is None:
-                notes.append("no complete verifier is available (bastion.verify.bab / milp missing)")
     n = len(data)
     net = as_network(model, data.feature_shape)
     device = model_device(model)

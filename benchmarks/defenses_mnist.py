@@ -1,9 +1,10 @@
 """Defences on MNIST (issue 5): every training objective of bastion on one CNN, measured the same way.
 
 For standard training and each objective of :mod:`bastion.defenses.training` (``make_objective`` names), the zoo
-``cnn`` (Normalize → Conv 32 → pool → Conv 64 → pool → Linear 128 → Linear 10) is trained with
-:class:`~bastion.defenses.training.AdversarialTrainer` on the first 8,000 MNIST test images (``common.py``) and
-evaluated on the last 2,000 (or their first ``--n-eval``):
+``cnn`` (Normalize → Conv c1 → pool → Conv c2 → pool → Linear h → Linear 10; ``--channels c1 c2 --hidden h``, the
+zoo's 32 64 128 by default) is trained with :class:`~bastion.defenses.training.AdversarialTrainer` on the first 8,000
+MNIST test images (``common.py``), from random weights or from the standard model (``--init``), and evaluated on the
+last 2,000 (or their first ``--n-eval``):
 
 * clean accuracy, and robust accuracy under ``bastion.evaluate`` with the ``standard`` cascade (APGD-CE → APGD-T →
   FAB-T → Square, AutoAttack's) or its ``rapid`` prefix (APGD-CE → APGD-T) at l∞ ε = 0.1 and 0.3;
@@ -35,6 +36,7 @@ import hashlib
 import json
 import math
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,6 +58,10 @@ from bastion.models import build_model, load_model, save_model
 from bastion.threat import LpBall
 
 CERTIFIED_OBJECTIVES = ("ibp", "crown-ibp")
+# the objectives of the issue's targets (and N-FGSM, Fast-AT's successor): evaluated on --n-eval images with --attacks
+MAIN_OBJECTIVES = ("standard", "pgd-at", "trades", "fast-at", "n-fgsm")
+ZOO_CHANNELS = (32, 64)
+ZOO_HIDDEN = 128
 DEFAULT_OBJECTIVES = [name for name in OBJECTIVES if name != "gaussian-noise"] + ["gaussian-noise"]
 SMOOTH_RADII = (0.0, 0.5, 1.0, 1.5)
 
@@ -71,18 +77,30 @@ class Recipe:
     trainer: dict[str, Any] = field(default_factory=dict)
     needs_threat: bool = True
 
+    eps_train: float | None = None
+
     def config(self, args: argparse.Namespace, init: str | None) -> dict[str, Any]:
         """Everything that decides the trained weights (the cache key)."""
-        return {
+        cfg = {
             "arch": "cnn",
             "objective": self.objective,
             "options": self.options,
             "trainer": self.trainer,
-            "eps_train": args.eps_train if self.needs_threat else None,
+            "eps_train": self.train_eps(args),
             "n_train": args.n_train,
             "init": init,
             "seed": args.seed,
         }
+        arch = arch_options(args)
+        if arch:  # the zoo defaults leave the key (and so the cache of earlier runs) unchanged
+            cfg["arch_options"] = arch
+        return cfg
+
+    def train_eps(self, args: argparse.Namespace) -> float | None:
+        """The l∞ radius the model is trained at (``None`` for objectives without a threat model)."""
+        if not self.needs_threat:
+            return None
+        return args.eps_train if self.eps_train is None else self.eps_train
 
 
 def recipes(args: argparse.Namespace) -> list[Recipe]:
@@ -90,9 +108,12 @@ def recipes(args: argparse.Namespace) -> list[Recipe]:
 
     Every objective keeps its paper defaults except where a cost forces a change, which is stated here and through
     the options (printed with every table): the inner-maximisation steps of PGD-AT, TRADES and MART
-    (``--inner-steps``; the MNIST papers use 40), and the trainer's budget (``--epochs``).
+    (``--inner-steps``; the MNIST papers use 40), the trainer's budget (``--epochs``, ``--epochs-of``) and any
+    ``--options`` given.
     """
     base = base_trainer(args)
+    epochs_of = parse_assignments(args.epochs_of, "--epochs-of")
+    extra = parse_overrides(args.options, "--options")
     out: list[Recipe] = []
     for name in args.objectives:
         key = name.strip().lower().replace("_", "-")
@@ -106,28 +127,64 @@ def recipes(args: argparse.Namespace) -> list[Recipe]:
             continue
         if key in ("pgd-at", "trades", "mart") and args.inner_steps is not None:
             options["steps"] = args.inner_steps
+        options.update(extra.get(key, {}))
         if key == "fast-at":
             # Wong, Rice & Kolter (ICLR 2020) pair FGSM with random start with a one-cycle learning rate
             trainer.update(schedule="cyclic", lr=args.fast_lr)
-        if key in CERTIFIED_OBJECTIVES:
-            trainer["epochs"] = args.certified_epochs or args.epochs
+            trainer.pop("milestones", None)
+            if args.fast_validate:
+                # and recommend early stopping on PGD accuracy of a training subset against catastrophic overfitting
+                trainer["validation_n"] = args.fast_validate
+        if key in CERTIFIED_OBJECTIVES and args.certified_epochs:
+            trainer["epochs"] = args.certified_epochs
+        if key in epochs_of:
+            trainer["epochs"] = int(epochs_of[key])
         if key == "gaussian-noise":
             for sigma in args.sigmas:
-                out.append(Recipe(f"gaussian-noise σ={sigma:g}", key, {"sigma": sigma}, trainer, False))
+                out.append(Recipe(f"gaussian-noise σ={sigma:g}", key, {**options, "sigma": sigma}, trainer, False))
+            continue
+        if key in CERTIFIED_OBJECTIVES and args.certified_eps:
+            # Gowal et al. train at a radius a little above the one they verify (0.2 for 0.1, 0.4 for 0.3 on MNIST)
+            for eps in args.certified_eps:
+                out.append(Recipe(f"{key} (train ε={eps:g})", key, options, trainer, True, eps))
             continue
         out.append(Recipe(key, key, options, trainer, takes_threat))
     return out
 
 
+def arch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``build_model("cnn", ...)`` keyword arguments that differ from the zoo's defaults."""
+    out: dict[str, Any] = {}
+    if tuple(args.channels) != ZOO_CHANNELS:
+        out["channels"] = list(args.channels)
+    if args.hidden != ZOO_HIDDEN:
+        out["hidden"] = args.hidden
+    return out
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
+    """``name=value`` strings into a dict (names normalised like objective names)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{flag} expects name=value, got {item!r}")
+        out[name.strip().lower().replace("_", "-")] = value
+    return out
+
+
 def base_trainer(args: argparse.Namespace) -> dict[str, Any]:
-    """Trainer settings shared by every recipe: Adam at a constant rate, ``--epochs`` epochs."""
-    return {
+    """Trainer settings shared by every recipe: Adam, ``--epochs`` epochs, ``--schedule``."""
+    out: dict[str, Any] = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "optimizer": "adam",
         "lr": args.lr,
-        "schedule": "constant",
+        "schedule": args.schedule,
     }
+    if args.schedule == "multistep":
+        out["milestones"] = list(args.milestones)
+    return out
 
 
 def standard_recipe(args: argparse.Namespace) -> Recipe:
@@ -181,10 +238,11 @@ def train_recipe(
         return load_model(path).eval(), meta
 
     data = split.train if args.n_train >= len(split.train) else split.train.subset(slice(0, args.n_train))
-    threat = LpBall("linf", args.eps_train) if recipe.needs_threat else None
+    eps = recipe.train_eps(args)
+    threat = None if eps is None else LpBall("linf", eps)
     objective = make_objective(recipe.objective, threat, **recipe.options)
     torch.manual_seed(args.seed)
-    model = build_model("cnn", common.INPUT_SHAPE, common.NUM_CLASSES)
+    model = build_model("cnn", common.INPUT_SHAPE, common.NUM_CLASSES, **arch_options(args))
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
     epochs: list[dict[str, Any]] = []
@@ -193,14 +251,29 @@ def train_recipe(
     def on_epoch_end(m: EpochMetrics) -> None:
         cpu = time.process_time() - clock["cpu"]
         clock["cpu"] = time.process_time()
-        epochs.append({"wall_s": m.seconds, "cpu_s": cpu, "loss": m.loss, "train_acc": m.train_acc, "lr": m.lr})
+        epochs.append(
+            {
+                "wall_s": m.seconds,
+                "cpu_s": cpu,
+                "loss": m.loss,
+                "train_acc": m.train_acc,
+                "lr": m.lr,
+                "val_robust_acc": m.val_robust_acc,
+            }
+        )
         log(
             f"[{recipe.label}] pass {m.epoch + 1}: {m.seconds:.1f} s wall, {cpu:.1f} s CPU, loss {m.loss:.4f}, "
-            f"train acc {m.train_acc:.3f} ({common.load_average()})"
+            f"train acc {m.train_acc:.3f}"
+            + ("" if m.val_robust_acc is None else f", validation PGD acc {m.val_robust_acc:.3f}")
+            + f" ({common.load_average()})"
         )
 
+    settings = dict(recipe.trainer)
+    n_val = settings.pop("validation_n", 0)
+    if n_val:  # a subset of the *training* images, so that the evaluation split stays unseen
+        settings.update(validation=data.subset(slice(0, n_val)), restore_best=True)
     trainer = AdversarialTrainer(
-        objective, threat=threat, seed=args.seed, progress=False, on_epoch_end=on_epoch_end, **recipe.trainer
+        objective, threat=threat, seed=args.seed, progress=False, on_epoch_end=on_epoch_end, **settings
     )
     log(f"[{recipe.label}] training {objective!r} with {trainer!r}, {len(data)} images, init {init_key or 'random'}")
     t0 = time.perf_counter()
@@ -224,15 +297,15 @@ def train_recipe(
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``attack.option=value`` strings (value parsed as JSON when it can be) into preset overrides."""
+def parse_overrides(items: list[str], flag: str = "--override") -> dict[str, dict[str, Any]]:
+    """``name.option=value`` strings (value parsed as JSON when it can be) into ``{name: {option: value}}``."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         try:
             lhs, value = item.split("=", 1)
             attack, option = lhs.rsplit(".", 1)
         except ValueError:
-            raise SystemExit(f"--override expects attack.option=value, got {item!r}") from None
+            raise SystemExit(f"{flag} expects name.option=value, got {item!r}") from None
         try:
             parsed: Any = json.loads(value)
         except ValueError:
@@ -242,33 +315,48 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def robust_eval(
-    model: nn.Module, model_key: str, data: Dataset, args: argparse.Namespace, n: int
+    model: nn.Module, model_key: str, data: Dataset, args: argparse.Namespace, n: int, cascade: str
 ) -> dict[str, Any] | None:
-    """Clean and robust accuracy under the attack preset at every ``--eval-eps``, cached by model and settings."""
+    """Clean and robust accuracy under the ``cascade`` preset at every ``--eval-eps``.
+
+    Each radius is evaluated and cached on its own (by model, images, radius and attack settings), so that two
+    processes can share the radii of one model and a stopped run keeps every radius it finished.
+    """
     if n <= 0 or not args.eval_eps:
         return None
-    data = data.subset(slice(0, n))
+    caps = {float(k): int(v) for k, v in parse_assignments(args.n_eval_at, "--n-eval-at").items()}
     overrides = parse_overrides(args.override)
-    attacks = preset(args.attacks, ["linf"], overrides)
-    cfg = {"model": model_key, "n": n, "eps": args.eval_eps, "attacks": [repr(a) for a in attacks], "seed": 0}
-    path = common.CACHE_DIR / f"defenses_eval_{digest(cfg)}.json"
-    cached = read_json(path)
-    if cached is not None and not args.retrain:
-        return cached
-    threats = [LpBall("linf", e) for e in args.eval_eps]
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = evaluate(model, data, threats, attacks, seed=0, progress=False, checks=False)
-    out = {
-        "config": cfg,
-        "n": res.n,
-        "clean": res.clean_accuracy,
-        "robust": {str(e): res.worst_case[t.key] for e, t in zip(args.eval_eps, threats)},
-        "per_attack": {str(e): res.robust_accuracy[t.key] for e, t in zip(args.eval_eps, threats)},
-        "wall_s": time.perf_counter() - t0,
-        "cpu_s": time.process_time() - c0,
-        "load_average_after": common.load_average(),
-    }
-    write_json(path, out)
+    attacks = preset(cascade, ["linf"], overrides)
+    out: dict[str, Any] = {"n": {}, "cascade": cascade, "robust": {}, "per_attack": {}, "wall_s": 0.0, "cpu_s": 0.0}
+    for eps in args.eval_eps:
+        n_eps = min(n, caps.get(float(eps), n))
+        cfg = {"model": model_key, "n": n_eps, "eps": eps, "attacks": [repr(a) for a in attacks], "seed": 0}
+        path = common.CACHE_DIR / f"defenses_eval_{digest(cfg)}.json"
+        one = read_json(path)
+        if one is None or args.retrain:
+            threat = LpBall("linf", eps)
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = evaluate(model, data.subset(slice(0, n_eps)), [threat], attacks, seed=0, progress=False, checks=False)
+            one = {
+                "config": cfg,
+                "n": res.n,
+                "clean": res.clean_accuracy,
+                "robust": res.worst_case[threat.key],
+                "per_attack": res.robust_accuracy[threat.key],
+                "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0,
+                "load_average_after": common.load_average(),
+            }
+            write_json(path, one)
+            log(f"  ε={eps}: robust {pct(one['robust'])} on {res.n} images ({one['wall_s']:.0f} s)")
+        if one["n"] >= max(out["n"].values(), default=0):  # clean accuracy of the largest subset
+            out["clean"] = one["clean"]
+        out["n"][str(eps)] = one["n"]
+        out["robust"][str(eps)] = one["robust"]
+        out["per_attack"][str(eps)] = one["per_attack"]
+        out["wall_s"] += one["wall_s"]
+        out["cpu_s"] += one["cpu_s"]
+        out["load_average_after"] = one["load_average_after"]
     return out
 
 
@@ -353,8 +441,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
     """All tables as Markdown, each with the command that produced it."""
     eps_cols = [str(e) for e in args.eval_eps]
     lines = [f"Command: `{command}`", "", common.machine_summary(), ""]
-    header = ["model", "passes", "s / pass (wall)", "CPU s / pass", "clean"]
-    header += [f"robust ε={e}" for e in eps_cols] + ["eval n", "eval s"]
+    header = ["model", "passes", "wall s / pass", "CPU s / pass", "CPU s total", "clean"]
+    header += [f"robust ε={e}" for e in eps_cols] + ["cascade", "eval n", "eval s"]
     body = []
     for r in rows:
         meta, ev = r["meta"], r.get("eval")
@@ -364,17 +452,21 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
             [
                 r["label"],
                 str(meta["passes"]),
-                " / ".join(f"{w:.0f}" for w in walls),
-                " / ".join(f"{c:.0f}" for c in cpus),
+                f"{statistics.median(walls):.1f}",
+                f"{statistics.median(cpus):.1f}",
+                f"{sum(cpus):.0f}",
                 pct(ev["clean"]) if ev else "-",
                 *[pct(ev["robust"].get(e)) if ev else "-" for e in eps_cols],
-                str(ev["n"]) if ev else "-",
+                ev.get("cascade", args.attacks) if ev else "-",
+                (" / ".join(str(v) for v in ev["n"].values()) if isinstance(ev["n"], dict) else str(ev["n"]))
+                if ev
+                else "-",
                 sec(ev["wall_s"]) if ev else "-",
             ]
         )
     lines += [
-        f"### Clean and robust accuracy (l∞, `{args.attacks}` cascade), MNIST cnn, "
-        f"{args.n_train} training images, first n of the 2,000 evaluation images",
+        f"### Clean and robust accuracy (l∞), MNIST cnn {json.dumps(arch_options(args) or 'zoo defaults')}, "
+        f"{args.n_train} training images, first n of the 2,000 evaluation images (per pass: medians)",
         "",
         common.markdown_table(header, body),
         "",
@@ -384,7 +476,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
             f"- {r['label']}: `{r['meta']['objective_repr']}`, trainer {json.dumps(r['meta']['config']['trainer'])}"
         )
     overrides = parse_overrides(args.override)
-    lines.append(f"- attacks: `{[repr(a) for a in preset(args.attacks, ['linf'], overrides)]}`")
+    for cascade in dict.fromkeys(r["eval"]["cascade"] for r in rows if r.get("eval") and "cascade" in r["eval"]):
+        lines.append(f"- `{cascade}` cascade: `{[repr(a) for a in preset(cascade, ['linf'], overrides)]}`")
     lines.append("")
 
     smooth_rows = [r for r in rows if r.get("smooth")]
@@ -425,14 +518,17 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
             v = ev["robust"].get(top)
             verdict = "met" if v is not None and v >= 0.8 else "MISSED"
             targets.append(f"- {name}: robust accuracy at ε = {top} {pct(v)} (target ≥ 80 %) → {verdict}")
-    fast, pgd = by.get("fast-at"), by.get("pgd-at")
-    if fast and pgd and fast.get("eval") and pgd.get("eval"):
+    pgd = by.get("pgd-at")
+    for name in ("fast-at", "n-fgsm"):
+        fast = by.get(name)
+        if not (fast and pgd and fast.get("eval") and pgd.get("eval")):
+            continue
         acc = ratio(fast["eval"]["robust"].get(top), pgd["eval"]["robust"].get(top))
         wall = ratio(fast["meta"]["train_wall_s"], pgd["meta"]["train_wall_s"])
         cpu = ratio(fast["meta"]["train_cpu_s"], pgd["meta"]["train_cpu_s"])
         ok = acc is not None and acc >= 0.9 and cpu is not None and cpu <= 1 / 3
         targets.append(
-            f"- fast-at vs pgd-at: robust accuracy ratio at ε = {top} "
+            f"- {name} vs pgd-at: robust accuracy ratio at ε = {top} "
             f"{'-' if acc is None else f'{acc:.2f}'} (target ≥ 0.90), training time ratio "
             f"{'-' if wall is None else f'{wall:.2f}'} wall / {'-' if cpu is None else f'{cpu:.2f}'} CPU "
             f"(target ≤ 0.33) → {'met' if ok else 'MISSED'}"
@@ -450,10 +546,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs of every objective except standard")
     ap.add_argument("--standard-epochs", type=int, default=5, help="epochs of standard training")
     ap.add_argument("--certified-epochs", type=int, default=None, help="epochs of ibp / crown-ibp (default --epochs)")
+    ap.add_argument("--epochs-of", nargs="*", default=[], help="per-objective epochs, e.g. vat=5 crown-ibp=20")
+    ap.add_argument("--options", nargs="*", default=[], help="objective options, e.g. trades.step_size=0.01")
+    ap.add_argument(
+        "--certified-eps", type=float, nargs="*", default=[], help="training radii of ibp / crown-ibp (one model each)"
+    )
+    ap.add_argument("--channels", type=int, nargs=2, default=list(ZOO_CHANNELS), help="cnn convolution channels")
+    ap.add_argument("--hidden", type=int, default=ZOO_HIDDEN, help="cnn hidden linear width")
     ap.add_argument("--n-train", type=int, default=common.N_TRAIN, help="training images (first n of the 8,000)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    ap.add_argument(
+        "--schedule", choices=("constant", "multistep"), default="constant", help="learning-rate schedule (not Fast-AT)"
+    )
+    ap.add_argument(
+        "--milestones", type=float, nargs="+", default=[0.5, 0.75], help="multistep: fractions of training (×0.1 each)"
+    )
     ap.add_argument("--fast-lr", type=float, default=5e-3, help="peak of Fast-AT's cyclic Adam learning rate")
+    ap.add_argument(
+        "--fast-validate",
+        type=int,
+        default=0,
+        help="Fast-AT: keep the pass of best PGD accuracy on this many training images (Wong et al.'s early stop)",
+    )
     ap.add_argument("--eps-train", type=float, default=0.3, help="l∞ radius of the training threat model")
     ap.add_argument("--inner-steps", type=int, default=None, help="PGD steps inside PGD-AT/TRADES/MART")
     ap.add_argument(
@@ -465,13 +580,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5], help="Gaussian-noise training σ")
     ap.add_argument("--eval-eps", type=float, nargs="*", default=[0.1, 0.3], help="l∞ radii of the evaluation")
     ap.add_argument("--attacks", choices=("standard", "rapid"), default="standard", help="evaluate() preset")
+    ap.add_argument(
+        "--attacks-other",
+        choices=("standard", "rapid"),
+        default=None,
+        help="preset for objectives outside MAIN_OBJECTIVES (default --attacks)",
+    )
     ap.add_argument("--override", nargs="*", default=[], help="preset options, e.g. apgd-t.n_target_classes=3")
     ap.add_argument("--n-eval", type=int, default=common.N_EVAL, help="images of the robust evaluation")
+    ap.add_argument("--n-eval-at", nargs="*", default=[], help="fewer images at some radii, e.g. 0.1=200")
     ap.add_argument(
         "--n-eval-other",
         type=int,
         default=None,
-        help="evaluation images for objectives outside standard / pgd-at / trades / fast-at (default --n-eval)",
+        help="evaluation images for objectives outside MAIN_OBJECTIVES (default --n-eval)",
     )
     ap.add_argument("--smooth-n-eval", type=int, default=500, help="images certified per smoothed model")
     ap.add_argument("--smooth-n", type=int, default=10_000, help="Monte Carlo estimation samples (CERTIFY n)")
@@ -493,7 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"# Defences on MNIST\n\n{common.machine_summary()}\n{common.load_average()}")
     split = common.load_split()
     todo = recipes(args)
-    main_set = {"standard", "pgd-at", "trades", "fast-at"}
 
     # the standard model comes first: it is the warm start of the others under --init standard
     std_recipe = standard_recipe(args)
@@ -510,9 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, meta = train_recipe(recipe, split, args, init_model, init_key)
         model_key = digest(meta["config"])
-        n = args.n_eval if recipe.objective in main_set or args.n_eval_other is None else args.n_eval_other
+        main = recipe.objective in MAIN_OBJECTIVES
+        n = args.n_eval if main or args.n_eval_other is None else args.n_eval_other
+        cascade = args.attacks if main or args.attacks_other is None else args.attacks_other
         row: dict[str, Any] = {"label": recipe.label, "meta": meta}
-        row["eval"] = robust_eval(model, model_key, split.eval, args, n)
+        row["eval"] = robust_eval(model, model_key, split.eval, args, n, cascade)
         if row["eval"]:
             ev = row["eval"]
             log(

@@ -156,6 +156,19 @@ def test_trained_bound_is_sound(objective: IBPTraining | CROWNIBP, digits: tuple
             assert bool((F.cross_entropy(model(pts), y, reduction="none") <= ce_hat + 1e-5).all())
 
 
+def test_zero_radius_bounds_are_the_clean_margins(digits: tuple[Dataset, Dataset]) -> None:
+    # the warm-up (eps = 0) skips CROWN's backward pass: the IBP bound of a point box must then be exact
+    _, test_set = digits
+    x, y = test_set.x[:30], test_set.y[:30]
+    model = _mlp(seed=4, hidden=(32, 16))
+    with torch.no_grad():
+        logits = model(x)
+    exact = (logits.gather(1, y.view(-1, 1)) - logits)[torch.arange(10) != y.view(-1, 1)].reshape(30, 9)
+    for objective in (IBPTraining(THREAT), CROWNIBP(THREAT, beta_end=0.5)):
+        lb = objective.margin_lower_bounds(model, x, y, eps=0.0)
+        torch.testing.assert_close(lb, exact, atol=1e-5, rtol=0)
+
+
 def test_worst_case_logits_layout_and_elision_tightens() -> None:
     lb = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     z = worst_case_logits(lb, torch.tensor([0, 2]))

@@ -2,7 +2,8 @@
 
 Each objective must lower its own loss and, on the digits data with a small MLP, raise the PGD robust accuracy
 (measured with the library's PGD attack, a separate code path) clearly above standard training. The loop semantics
-of Free-AT (replays, carried perturbation) and Fast-AT (uniform start, step 1.25·eps) are checked directly.
+of Free-AT (replays, carried perturbation), Fast-AT (uniform start, step 1.25·eps) and N-FGSM (noise of 2·eps, no
+projection onto the ball) are checked directly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bastion.data import Dataset, load_digits
 from bastion.defenses.training import (
     FGSMAT,
     MART,
+    NFGSM,
     OBJECTIVES,
     PGDAT,
     TRADES,
@@ -81,6 +83,7 @@ OBJECTIVE_CASES: list[tuple[str, Callable[[], object], int]] = [
     # 16 epochs of budget = 4 passes of 4 replays: 16 forward/backward passes per sample, a third of PGD-5's 48
     ("free-at", lambda: FreeAT(THREAT, replays=4), 16),
     ("fast-at", lambda: FastAT(THREAT), 8),
+    ("n-fgsm", lambda: NFGSM(THREAT), 8),
     ("trades", lambda: TRADES(THREAT, steps=5), 8),
     ("mart", lambda: MART(THREAT, steps=5), 8),
 ]
@@ -217,6 +220,45 @@ def test_fast_at_random_start_and_step_of_1_25_eps() -> None:
     # probability 3/8 per coordinate, while FGSM from x (or with a step >= 2 eps) puts every coordinate on the sphere
     inside = ((trained_on - x).abs() < EPS - 1e-6).float().mean()
     assert abs(float(inside) - 0.375) < 0.03
+
+
+def test_n_fgsm_noise_of_two_eps_one_step_of_eps_and_no_projection_onto_the_ball() -> None:
+    torch.manual_seed(0)
+    model = _Recorder(nn.Sequential(nn.Linear(20, 4)))
+    x = torch.rand(300, 20) * 0.2 + 0.4  # at least 0.4 from the domain bounds: 3·eps = 0.3 never reaches them
+    y = torch.randint(0, 4, (300,))
+    objective = NFGSM(THREAT)
+    assert objective.step_size == pytest.approx(EPS)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        loss = objective(model, x, y)
+    (trained_on,) = model.seen
+    # replay de Jorge et al.'s algorithm 1 independently: eta ~ U(-2 eps, 2 eps), one sign step of eps, no clipping
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        eta = (2 * torch.rand(x.shape) - 1) * 2 * EPS
+    start = (x + eta).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model.inner(start), y, reduction="sum"), start)
+    expected = x + eta + EPS * g.sign()
+    assert torch.allclose(trained_on, expected, atol=1e-6)
+    assert torch.allclose(loss, F.cross_entropy(model.inner(expected), y))
+    # |eta + eps·s| > eps for a uniform eta in (-2 eps, 2 eps) with probability 1/2; it never exceeds 3 eps
+    delta = (trained_on - x).abs()
+    assert abs(float((delta > EPS + 1e-6).float().mean()) - 0.5) < 0.03
+    assert float(delta.max()) <= 3 * EPS + 1e-6
+
+
+def test_n_fgsm_stays_in_the_domain_and_refuses_other_norms() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    x_adv = NFGSM(LpBall("linf", 0.3)).perturb(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x, y)
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    with pytest.raises(InputError, match="linf"):
+        NFGSM(LpBall("l2", 1.0))
+    with pytest.raises(InputError, match="step_ratio"):
+        NFGSM(THREAT, step_ratio=0)
+    assert isinstance(make_objective("n-fgsm", THREAT), NFGSM)
 
 
 # ----------------------------------------------------------------------------------------------- Free-AT

@@ -2,9 +2,9 @@
 
 :class:`AdversarialTrainer` runs any objective with checkpoints, resume, validation under PGD, the result store and
 data parallelism; :func:`train` is the small loop for quick models. Objectives, one file each: FGSM-AT
-(:class:`FGSMAT`), PGD-AT (:class:`PGDAT`), Free-AT (:class:`FreeAT`), Fast-AT (:class:`FastAT`), TRADES
-(:class:`TRADES`), MART (:class:`MART`), VAT (:class:`VAT`), WRM (:class:`WRM`), feature scattering
-(:class:`FeatureScattering`), AT with shift consistency (:class:`ATSCR`), latent-manifold AT
+(:class:`FGSMAT`), PGD-AT (:class:`PGDAT`), Free-AT (:class:`FreeAT`), Fast-AT (:class:`FastAT`), N-FGSM
+(:class:`NFGSM`), TRADES (:class:`TRADES`), MART (:class:`MART`), VAT (:class:`VAT`), WRM (:class:`WRM`),
+feature scattering (:class:`FeatureScattering`), AT with shift consistency (:class:`ATSCR`), latent-manifold AT
 (:class:`LatentManifoldAT`), Gaussian-noise training for randomized smoothing (:class:`GaussianNoise`) and certified
 training with IBP (:class:`IBPTraining`) and CROWN-IBP (:class:`CROWNIBP`), measured by :func:`verified_accuracy`.
 The shared inner maximisation is :func:`pgd_perturb`; :func:`make_objective` builds any of them by name.
@@ -21,6 +21,7 @@ from bastion.defenses.training.free_at import FreeAT
 from bastion.defenses.training.inner import kl_div_logits, pgd_perturb, unwrap
 from bastion.defenses.training.latent_manifold import LatentDiscriminator, LatentManifoldAT
 from bastion.defenses.training.mart import MART
+from bastion.defenses.training.n_fgsm import NFGSM
 from bastion.defenses.training.noise import GaussianNoise
 from bastion.defenses.training.pgd_at import PGDAT
 from bastion.defenses.training.registry import OBJECTIVES, make_objective
@@ -43,6 +44,7 @@ __all__ = [
     "CROWNIBP",
     "FGSMAT",
     "MART",
+    "NFGSM",
     "OBJECTIVES",
     "PGDAT",
     "TRADES",

@@ -327,7 +327,8 @@ class CROWNIBP(_CertifiedObjective):
 
     def _margins(self, net: Network, lower: Tensor, upper: Tensor, C: Tensor) -> Tensor:
         lb_ibp, pre = self._ibp(net, lower, upper, C)
-        if self.beta <= 0.0:
+        if self.beta <= 0.0 or torch.equal(lower, upper):
+            # a zero-width box (eps = 0, the warm-up): every interval is a point and IBP is the exact margin
             return lb_ibp
         # CROWN's backward pass from the specification on top of the IBP pre-activation bounds (reused as given).
         opts = BoundOptions(method="crown", bound_upper=False, reuse_intermediate=True)

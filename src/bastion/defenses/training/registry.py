@@ -19,6 +19,7 @@ from bastion.defenses.training.fgsm_at import FGSMAT
 from bastion.defenses.training.free_at import FreeAT
 from bastion.defenses.training.latent_manifold import LatentManifoldAT
 from bastion.defenses.training.mart import MART
+from bastion.defenses.training.n_fgsm import NFGSM
 from bastion.defenses.training.noise import GaussianNoise
 from bastion.defenses.training.pgd_at import PGDAT
 from bastion.defenses.training.trades import TRADES
@@ -39,6 +40,7 @@ OBJECTIVES: dict[str, tuple[Callable[..., Any], bool]] = {
     "pgd-at": (PGDAT, True),
     "free-at": (FreeAT, True),
     "fast-at": (FastAT, True),
+    "n-fgsm": (NFGSM, True),
     "trades": (TRADES, True),
     "mart": (MART, True),
     "vat": (VAT, False),

@@ -10,8 +10,8 @@ cost of one gradient per step:
 * the perturbation is **not** projected back onto the eps-ball: ``x_adv = x + η + α·sign(∇_x CE(f(x + η), y))``
   with ``α = eps``, so that ``‖x_adv - x‖∞`` can reach ``(k + 1)·eps``.
 
-The training loss is ``CE(f(x_adv), y)``. bastion keeps ``x + η`` and ``x_adv`` inside the input domain (valid
-images), as the authors' image code does. The gradient is taken with the model in eval mode, as for every inner
+The training loss is ``CE(f(x_adv), y)``. bastion keeps ``x + η`` and ``x_adv`` inside the input domain, so that
+every training point is a valid input. The gradient is taken with the model in eval mode, as for every inner
 maximisation of this package (:func:`~bastion.defenses.training.inner.pgd_perturb`).
 """
 

@@ -132,6 +132,57 @@ def test_fgsm_is_exact_on_a_linear_binary_classifier(norm: str, dual: float) -> 
     assert 0.1 < float(expected.double().mean()) < 0.9  # the test is not trivial
 
 
+@pytest.mark.parametrize("steps", [1, 3, 10])
+@pytest.mark.parametrize("norm,dual", [("linf", 1.0), ("l2", 2.0)])
+def test_pgd_with_few_steps_reaches_the_boundary(steps: int, norm: str, dual: float) -> None:
+    """The default step travels 2.5 radii whatever ``steps``: on a linear model PGD ends on the sphere, exactly
+    as strong as the optimal one-step attack (the old fixed step of eps/30 travelled only steps/30 of the radius)."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(2, 20, generator=g, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    model = _linear_model(w, b)
+    x = torch.rand(400, 20, generator=g, dtype=torch.float64) * 0.2 + 0.4
+    logits = model(x).detach()
+    y = logits.argmax(dim=1)
+    margin = logits.gather(1, y[:, None]).squeeze(1) - logits.gather(1, (1 - y)[:, None]).squeeze(1)
+    wd = (w[1] - w[0]).norm(p=dual)
+    eps = float(margin.median() / wd)
+    threat = LpBall(norm, eps, domain=(-100.0, 100.0))
+    res = PGD(steps=steps, random_start=False, early_stop=False)(model, x, y, threat=threat)
+    dist = threat.distance(res.x_adv, x)
+    failed = ~res.success
+    torch.testing.assert_close(dist[failed], torch.full_like(dist[failed], eps))  # on the boundary
+    expected = margin < eps * wd
+    clear = (margin - eps * wd).abs() > 1e-9
+    torch.testing.assert_close(res.success[clear], expected[clear])
+
+
+def test_one_pgd_step_rule_for_attack_training_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PGD, PGD-AT, MART and the trainer's validation all take ``pgd_step_size``: 2.5·eps/steps."""
+    from bastion.defenses.training import MART, PGDAT, AdversarialTrainer
+    from bastion.defenses.training import trainer as trainer_module
+    from bastion.threat import pgd_step_size
+
+    threat = LpBall("linf", 0.3)
+    for steps in (1, 7, 40):
+        assert pgd_step_size(0.3, steps) == pytest.approx(2.5 * 0.3 / steps)
+        assert PGD(steps=steps).iterations(threat) == (steps, pgd_step_size(0.3, steps))
+        assert PGDAT(threat, steps=steps).step_size == pgd_step_size(0.3, steps)
+        assert MART(threat, steps=steps).step_size == pgd_step_size(0.3, steps)
+    seen: list[float] = []
+    real = trainer_module.pgd_perturb
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["step_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "pgd_perturb", spy)
+    data = Dataset(torch.rand(20, 4), torch.arange(20) % 2, num_classes=2, name="tiny")
+    trainer = AdversarialTrainer(PGDAT(threat, steps=1), threat=threat, epochs=1, validation=data, val_steps=4,
+                                 progress=False)  # fmt: skip
+    trainer.fit(nn.Sequential(nn.Linear(4, 2)), data)
+    assert seen and all(s == pgd_step_size(0.3, 4) for s in seen)
+
+
 def test_bim_uses_the_paper_schedule() -> None:
     assert BIM().iterations(LpBall("linf", 0.3)) == (
         81,

@@ -287,6 +287,30 @@ class LpBall(ThreatModel):
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+#: Total travel of the default PGD step, in radii: ``steps`` steps of ``PGD_TRAVEL · eps / steps`` (Madry et al.'s
+#: rule, used by their robustness library and by most later work). Travelling more than one radius lets a run that
+#: starts on one side of the ball, or is slowed by the projection, still reach the opposite boundary.
+PGD_TRAVEL = 2.5
+
+
+def pgd_step_size(eps: float, steps: int, travel: float = PGD_TRAVEL) -> float:
+    """The default step length of an ``steps``-step projected-gradient run in a ball of radius ``eps``.
+
+    One rule for every PGD loop of the library (the attack, the inner maximisation of adversarial training, the
+    trainer's validation): ``travel · eps / steps``, so that the steps together cover ``travel`` radii whatever
+    their number.
+
+    Raises:
+        InputError: ``eps`` is not a finite number >= 0 (give an absolute step instead), or ``steps`` < 1.
+    """
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise InputError(f"a default PGD step needs a finite eps >= 0, got {eps!r}: give an absolute step size")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+    return float(travel) * eps / steps
+
+
 def lp_norm(rows: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-row norm of a (N, D) tensor for a canonical norm name."""
     if norm == "linf":

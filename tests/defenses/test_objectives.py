@@ -366,7 +366,8 @@ def test_mart_boosted_ce_and_loss_closed_form() -> None:
 def test_defaults_follow_the_papers() -> None:
     mnist = LpBall("linf", 0.3)
     pgd = PGDAT(mnist)
-    assert (pgd.steps, pgd.step_size, pgd.random_start) == (40, 0.01, True)
+    # Madry et al.'s 40 steps and random start, with the library's one step rule (2.5·eps/steps, not their 0.01)
+    assert (pgd.steps, pgd.step_size, pgd.random_start) == (40, pytest.approx(2.5 * 0.3 / 40), True)
     trades = TRADES(LpBall("linf", 0.031))
     assert (trades.beta, trades.steps, trades.step_size, trades.init_std) == (6.0, 10, 0.007, 0.001)
     mart = MART(LpBall("linf", 8 / 255))

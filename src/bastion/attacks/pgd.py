@@ -19,7 +19,7 @@ import torch
 from bastion.attacks.base import Attack, CountingModel, positive_int
 from bastion.errors import InputError
 from bastion.results import Criterion, LossName, check_loss_name
-from bastion.threat import LpBall, ThreatModel
+from bastion.threat import LpBall, ThreatModel, pgd_step_size
 
 #: Step-size schedules: multiplier of the base step at progress ``t = i / steps`` in [0, 1).
 SCHEDULES: dict[str, Callable[[float], float]] = {
@@ -38,12 +38,16 @@ class PGD(Attack):
     success is never lost and no work is spent on it. Restarts run only on samples not yet broken, so more restarts
     can never make the attack weaker.
 
-    Defaults follow Madry et al.'s MNIST setting: 40 steps of 0.01 at eps = 0.3 (a step of eps/30), random start.
-    (Their CIFAR-10 training setting is 7 steps of 2/255 at eps = 8/255: ``steps=7, rel_stepsize=0.25``.)
+    The default step is the library's one PGD rule, :func:`bastion.threat.pgd_step_size`: ``2.5·eps / steps``, so
+    that the steps together travel 2.5 radii whatever their number (40 steps of 0.01875 at eps = 0.3). Madry et
+    al.'s own MNIST setting, 40 steps of 0.01, is ``rel_stepsize=0.01 / 0.3``; their CIFAR-10 training setting, 7
+    steps of 2/255 at eps = 8/255, is ``steps=7, rel_stepsize=0.25``. (Until version 0.1 the default was a fixed
+    ``rel_stepsize`` of 1/30, which let a run of fewer than 30 steps travel less than one radius.)
 
     Args:
         steps: iterations per restart.
-        rel_stepsize: step length as a fraction of eps (ignored when ``abs_stepsize`` is given).
+        rel_stepsize: step length as a fraction of eps; ``None`` for ``2.5 / steps`` (ignored when
+            ``abs_stepsize`` is given).
         abs_stepsize: step length in the threat's norm.
         random_start: start each restart from a uniformly random point of the ball instead of the clean input.
         restarts: number of runs; each later one attacks only the samples still unbroken.
@@ -59,7 +63,7 @@ class PGD(Attack):
         self,
         *,
         steps: int = 40,
-        rel_stepsize: float = 0.01 / 0.3,
+        rel_stepsize: float | None = None,
         abs_stepsize: float | None = None,
         random_start: bool = True,
         restarts: int = 1,
@@ -67,14 +71,14 @@ class PGD(Attack):
         schedule: str = "constant",
         early_stop: bool = True,
     ) -> None:
-        if abs_stepsize is None and not rel_stepsize > 0:
-            raise InputError(f"rel_stepsize must be > 0, got {rel_stepsize!r}")
+        if rel_stepsize is not None and not rel_stepsize > 0:
+            raise InputError(f"rel_stepsize must be > 0 (or None for 2.5 / steps), got {rel_stepsize!r}")
         if abs_stepsize is not None and not abs_stepsize > 0:
             raise InputError(f"abs_stepsize must be > 0, got {abs_stepsize!r}")
         if schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.steps = positive_int("steps", steps)
-        self.rel_stepsize = float(rel_stepsize)
+        self.rel_stepsize = None if rel_stepsize is None else float(rel_stepsize)
         self.abs_stepsize = None if abs_stepsize is None else float(abs_stepsize)
         self.random_start = bool(random_start)
         self.restarts = positive_int("restarts", restarts)
@@ -92,10 +96,11 @@ class PGD(Attack):
         """Number of iterations and base step length for this threat model."""
         if math.isinf(threat.eps) and self.abs_stepsize is None:
             raise InputError(f"eps is infinite: give {type(self).__name__} an abs_stepsize")
-        return (
-            self.steps,
-            self.abs_stepsize if self.abs_stepsize is not None else self.rel_stepsize * threat.eps,
-        )
+        if self.abs_stepsize is not None:
+            return self.steps, self.abs_stepsize
+        if self.rel_stepsize is not None:
+            return self.steps, self.rel_stepsize * threat.eps
+        return self.steps, pgd_step_size(threat.eps, self.steps)
 
     def run(
         self,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from bastion.errors import InputError
 from bastion.models.checks import eval_mode
-from bastion.threat import LpBall, ThreatModel
+from bastion.threat import PGD_TRAVEL, LpBall, ThreatModel, pgd_step_size
 
 __all__ = ["check_batch", "check_objective_threat", "default_step_size", "kl_div_logits", "pgd_perturb", "unwrap"]
 
@@ -155,11 +155,11 @@ def kl_div_logits(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - F.log_softmax(q_logits, dim=1))).sum(dim=1)
 
 
-def default_step_size(threat: ThreatModel, steps: int, travel: float, per: float = 1.0) -> float:
-    """A step of ``(travel / per) · eps / steps``: all steps together travel ``travel / per`` radii.
+def default_step_size(threat: ThreatModel, steps: int, travel: float = PGD_TRAVEL, per: float = 1.0) -> float:
+    """The library's PGD step (:func:`bastion.threat.pgd_step_size`) for a training threat: ``travel/per·eps/steps``.
 
-    ``per`` lets a ratio such as 4/3 be given as ``travel=4, per=3`` so that the paper's step (0.01 at eps 0.3 and
-    40 steps) comes out exactly in floating point.
+    ``travel`` defaults to the one rule of every PGD loop, 2.5 radii in all. ``per`` lets a paper's ratio be given
+    exactly in floating point (TRADES' 0.007 at eps 0.031 and 10 steps is ``travel=0.07, per=0.031``).
 
     Raises:
         InputError: the threat has no finite radius to scale the step by.
@@ -167,7 +167,7 @@ def default_step_size(threat: ThreatModel, steps: int, travel: float, per: float
     eps = float(getattr(threat, "eps", math.nan))
     if not (math.isfinite(eps) and eps > 0):
         raise InputError(f"the threat {threat!r} has no finite eps > 0 to derive a step size from; pass step_size")
-    return travel * eps / (per * max(1, steps))
+    return pgd_step_size(eps, max(1, steps), travel) / per
 
 
 def check_objective_threat(threat: object, who: str) -> LpBall:

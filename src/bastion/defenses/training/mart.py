@@ -71,7 +71,7 @@ class MART:
             raise InputError(f"init_std must be a number >= 0, got {init_std!r}")
         self.lam = float(lam)
         self.steps = steps
-        self.step_size = default_step_size(threat, steps, 2.5) if step_size is None else float(step_size)
+        self.step_size = default_step_size(threat, steps) if step_size is None else float(step_size)
         if not self.step_size > 0:
             raise InputError(f"step_size must be > 0, got {step_size!r}")
         self.init_std = float(init_std)

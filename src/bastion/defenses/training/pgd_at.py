@@ -22,13 +22,15 @@ __all__ = ["PGDAT"]
 class PGDAT:
     """Loss ``CE(f(x_adv), y)`` with ``x_adv`` from PGD on the cross-entropy (Madry et al., ICLR 2018).
 
-    Defaults are the paper's MNIST setting: at eps = 0.3 (l∞), 40 steps of 0.01 from a uniformly random start.
-    For another eps or step count, the default step keeps the same total travel, ``(4/3)·eps / steps``.
+    Defaults: 40 steps from a uniformly random start (Madry et al.'s MNIST setting) of the library's one PGD step,
+    ``2.5·eps / steps`` (:func:`bastion.threat.pgd_step_size`; 0.01875 at eps = 0.3). The paper's own MNIST step,
+    0.01, travels only 4/3 of a radius in 40 steps; it is ``step_size=0.01``. (Until version 0.1 the default step
+    was ``(4/3)·eps / steps``.)
 
     Args:
         threat: the ball the adversary moves in, e.g. ``LpBall("linf", 0.3)``.
         steps: PGD iterations of the inner maximisation.
-        step_size: step length in the threat's norm; ``None`` for ``(4/3)·eps / steps`` (0.01 at eps 0.3, 40 steps).
+        step_size: step length in the threat's norm; ``None`` for ``2.5·eps / steps``.
         random_start: start from a uniformly random point of the ball.
     """
 
@@ -41,7 +43,7 @@ class PGDAT:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
         self.steps = steps
-        self.step_size = default_step_size(threat, steps, 4, 3) if step_size is None else float(step_size)
+        self.step_size = default_step_size(threat, steps) if step_size is None else float(step_size)
         if not self.step_size > 0:
             raise InputError(f"step_size must be > 0, got {step_size!r}")
         self.random_start = bool(random_start)

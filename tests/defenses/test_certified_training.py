@@ -7,6 +7,8 @@ nothing IBP-verifiable, while IBP and CROWN-IBP training must certify a large pa
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from bastion.defenses.training import (
     make_objective,
     verified_accuracy,
 )
-from bastion.defenses.training.certified import ramp_position, worst_case_logits
+from bastion.defenses.training.certified import CertifiedScheduleWarning, ramp_position, worst_case_logits
 from bastion.errors import InputError
 from bastion.models import build_model
 from bastion.threat import LpBall
@@ -74,44 +76,111 @@ def trained(digits: tuple[Dataset, Dataset]) -> dict[str, tuple[nn.Module, list[
 
 
 # -- schedules -------------------------------------------------------------------------------------------------
-def test_ramps_follow_the_schedule_through_the_trainer(digits: tuple[Dataset, Dataset]) -> None:
-    # 10 epochs, warm-up 10 %, ramp 40 %: ramp position at each epoch's middle, (t - 0.1) / 0.4 clipped.
-    expected_r = [0.0, 0.125, 0.375, 0.625, 0.875, 1.0, 1.0, 1.0, 1.0, 1.0]
-    seen: dict[str, list[tuple[float, ...]]] = {"ibp": [], "crown-ibp": []}
-    tiny = digits[0].subset(list(range(16)))
-    for key, obj in (
-        ("ibp", IBPTraining(THREAT, warmup=0.1, ramp=0.4)),
-        ("crown-ibp", CROWNIBP(THREAT, warmup=0.1, ramp=0.4)),
-    ):
+def _recording(cls: type) -> type:
+    """``cls`` recording the steps its hook gets and the (ε, κ, β) each loss evaluation uses."""
 
-        def record(_: object, obj: object = obj, key: str = key) -> None:
-            seen[key].append((obj.eps, obj.kappa, getattr(obj, "beta", -1.0)))  # type: ignore[attr-defined]
+    class Recording(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.steps: list[tuple[int, int]] = []
+            self.seen: list[tuple[float, float, float]] = []
 
-        AdversarialTrainer(
-            obj, epochs=10, batch_size=16, optimizer="adam", lr=1e-3, progress=False, on_epoch_end=record
-        ).fit(_mlp(hidden=(8,)), tiny)
-    for r, (eps, kappa, _) in zip(expected_r, seen["ibp"], strict=True):
-        assert eps == pytest.approx(r * EPS) and kappa == pytest.approx(1.0 - 0.5 * r)
-    for r, (eps, kappa, beta) in zip(expected_r, seen["crown-ibp"], strict=True):
-        assert eps == pytest.approx(r * EPS) and kappa == pytest.approx(1.0 - r) and beta == pytest.approx(1.0 - r)
+        def step_start(self, step: int, total_steps: int) -> None:
+            self.steps.append((step, total_steps))
+            super().step_start(step, total_steps)
+
+        def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            self.seen.append((self.eps, self.kappa, getattr(self, "beta", -1.0)))
+            return super().__call__(model, x, y)
+
+    return Recording
+
+
+def test_ramps_are_per_step_through_the_trainer(digits: tuple[Dataset, Dataset]) -> None:
+    # 64 samples, batch 16, 5 epochs: 20 steps; warm-up 10 %, ramp 40 %: r_s = clip((s / 20 - 0.1) / 0.4, 0, 1)
+    tiny = digits[0].subset(list(range(64)))
+    for cls, kappa_end, beta in ((IBPTraining, 0.5, False), (CROWNIBP, 0.5, True)):
+        obj = _recording(cls)(THREAT, warmup=0.1, ramp=0.4)
+        AdversarialTrainer(obj, epochs=5, batch_size=16, optimizer="adam", lr=1e-3, progress=False).fit(
+            _mlp(hidden=(8,)), tiny
+        )
+        assert obj.steps == [(s, 20) for s in range(20)]
+        r = [min(1.0, max(0.0, (s / 20 - 0.1) / 0.4)) for s in range(20)]
+        assert [e for e, _, _ in obj.seen] == [ri * EPS for ri in r]
+        assert [k for _, k, _ in obj.seen] == [1.0 + ri * (kappa_end - 1.0) for ri in r]
+        if beta:
+            assert [b for _, _, b in obj.seen] == [1.0 - ri for ri in r]
+        # epoch 1 (steps 4-7) lies inside the ramp: four different radii, not one per epoch
+        assert len({e for e, _, _ in obj.seen[4:8]}) == 4
+        assert obj.seen[2][0] == 0.0 and obj.seen[3][0] > 0.0 and obj.seen[10][0] == EPS
 
 
 def test_paper_default_schedules() -> None:
     ibp, crown = IBPTraining(THREAT), CROWNIBP(THREAT)
     # Gowal et al. MNIST: 2k warm-up + 10k ramp steps of 60k, kappa 1 -> 0.5
     assert (ibp.warmup, ibp.ramp, ibp.kappa_start, ibp.kappa_end) == pytest.approx((2 / 60, 10 / 60, 1.0, 0.5))
-    # Zhang et al. MNIST: ramp over epochs 10-60 of 200, kappa 1 -> 0, beta 1 -> 0
-    assert (crown.warmup, crown.ramp, crown.kappa_end, crown.beta_start, crown.beta_end) == pytest.approx(
-        (0.05, 0.25, 0.0, 1.0, 0.0)
+    # Zhang et al.'s MNIST configuration: ramp over epochs 10-60 of 200, kappa 1 -> 0.5 (final-kappa), beta 1 -> 0
+    assert (crown.warmup, crown.ramp, crown.kappa_start, crown.kappa_end, crown.beta_start, crown.beta_end) == (
+        pytest.approx((0.05, 0.25, 1.0, 0.5, 1.0, 0.0))
     )
     # without a trainer's hook an objective sits at the end of its schedule
-    assert ibp.eps == EPS and ibp.kappa == 0.5 and crown.beta == 0.0 and crown.kappa == 0.0
-    # 60 epochs with Gowal's fractions: epochs 0-1 (t < 1/30 at their middle: only epoch 0) warm, full eps from epoch 12
-    r = [ramp_position(e, 60, 2 / 60, 10 / 60) for e in range(60)]
-    assert r[0] == 0.0 and 0 < r[2] < r[3] < 1 and r[11] < 1.0 and r[12] == 1.0
+    assert ibp.eps == EPS and ibp.kappa == 0.5 and crown.beta == 0.0 and crown.kappa == 0.5
+    # Gowal's 60k steps: warm for 2k steps, linear over the next 10k, then full eps
+    r = [ramp_position(s, 60_000, 2 / 60, 10 / 60) for s in (0, 1999, 2000, 2001, 7000, 11_999, 12_000, 59_999)]
+    assert r[:3] == [0.0, 0.0, 0.0] and 0 < r[3] < 1e-3 and r[4] == pytest.approx(0.5)
+    assert r[5] == pytest.approx(1.0 - 1e-4) and r[6:] == [1.0, 1.0]
     assert ramp_position(3, 10, 0.3, 0.0) == 1.0 and ramp_position(2, 10, 0.3, 0.0) == 0.0
-    with pytest.raises(InputError):
-        ramp_position(10, 10, 0.1, 0.1)
+    for bad in ((10, 10), (-1, 10), (0, 0)):
+        with pytest.raises(InputError, match="total_steps"):
+            ramp_position(*bad, 0.1, 0.1)
+    # the per-epoch fallback (for a caller with only epoch_start) is the per-step ramp at the middle of the epoch
+    crown.epoch_start(1, 10)
+    assert crown.position == pytest.approx((0.15 - 0.05) / 0.25)
+    crown.step_start(150, 1000)
+    assert crown.position == pytest.approx((0.15 - 0.05) / 0.25)
+
+
+def test_schedule_known_to_collapse_warns_once() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults, and kappa_end = 0 with a paper-length ramp, are quiet
+        for obj in (CROWNIBP(THREAT), IBPTraining(THREAT), CROWNIBP(THREAT, kappa_end=0.0)):
+            obj.step_start(0, 60_000 if obj.kappa_end == 0 else 300)
+            obj.step_start(1, 60_000 if obj.kappa_end == 0 else 300)
+    # kappa_end = 0 with a short ramp (the MNIST run that collapsed: 236 ramp steps), or with no warm-up
+    for obj, total in (
+        (CROWNIBP(THREAT, kappa_end=0.0), 945),
+        (IBPTraining(THREAT, kappa_end=0.0, ramp=0.01), 50_000),
+        (CROWNIBP(THREAT, kappa_end=0.0, warmup=0.0), 60_000),
+    ):
+        with pytest.warns(CertifiedScheduleWarning, match="kappa_end=0"):
+            obj.step_start(0, total)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            obj.step_start(1, total)  # once per objective and total
+        assert (obj.eps == 0.0) if obj.warmup > 0 else (obj.eps > 0.0)  # the hook still set the schedule
+
+
+def test_crown_ibp_defaults_do_not_collapse(digits: tuple[Dataset, Dataset]) -> None:
+    # eps = 0.3 on digits, 10 epochs (230 steps): with kappa_end = 0 (the former default) the model ends as a constant
+    # classifier, and the trainer's first step hook warns; with the defaults (kappa_end = 0.5) it keeps its classes.
+    train_set, test_set = digits
+    threat = LpBall("linf", 0.3)
+
+    def fit(objective: CROWNIBP) -> torch.Tensor:
+        model = _mlp()
+        AdversarialTrainer(objective, epochs=10, batch_size=64, optimizer="adam", lr=5e-3, progress=False).fit(
+            model, train_set
+        )
+        with torch.no_grad():
+            return model(test_set.x).argmax(1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred = fit(CROWNIBP(threat))
+    assert pred.unique().numel() == 10 and float((pred == test_set.y).float().mean()) >= 0.7
+    with pytest.warns(CertifiedScheduleWarning):
+        collapsed = fit(CROWNIBP(threat, kappa_end=0.0))
+    assert float((collapsed == test_set.y).float().mean()) <= 0.3, "the documented collapse no longer happens"
 
 
 # -- soundness of the bound trained on -----------------------------------------------------------------------------
@@ -207,12 +276,12 @@ def test_certified_training_raises_verified_accuracy(trained, digits: tuple[Data
     _, test_set = digits
     ver = {k: verified_accuracy(m, test_set, THREAT, method="ibp") for k, (m, _) in trained.items()}
     clean = {k: accuracy(m, test_set) for k, (m, _) in trained.items()}
-    # measured: standard ~2 %, IBP ~59 %, CROWN-IBP ~64 % IBP-verified; clean accuracy stays ~96 %
+    # measured: standard ~2 %, IBP ~59 %, CROWN-IBP ~58 % IBP-verified (both κ 1 -> 0.5); clean accuracy stays ~96 %
     assert ver["standard"] <= 0.1, ver
     assert ver["ibp"] >= 0.4 and ver["crown-ibp"] >= 0.4, ver
     assert ver["ibp"] >= ver["standard"] + 0.3 and ver["crown-ibp"] >= ver["standard"] + 0.3, ver
     assert clean["ibp"] >= 0.85 and clean["crown-ibp"] >= 0.85, clean
-    # after the ramp (full eps from epoch 5 of 12) the certified loss goes down
+    # after the ramp (full eps from step 50 % of training, epoch 6 of 12) the certified loss goes down
     for key in ("ibp", "crown-ibp"):
         losses = trained[key][1]
         assert losses[-1] < losses[5] - 0.1, (key, losses)
@@ -262,7 +331,9 @@ def test_registry_and_bad_input() -> None:
         IBPTraining(THREAT).margin_lower_bounds(_mlp(), x.double(), y)
     # warm-up: no bound is computed and the loss is the clean cross-entropy, even for a BatchNorm network
     warm = IBPTraining(THREAT, warmup=0.5, ramp=0.5)
-    warm.epoch_start(0, 10)
+    warm.step_start(4, 10)
     assert warm.eps == 0.0 and warm.kappa == 1.0
+    with pytest.raises(InputError, match="epoch"):
+        warm.epoch_start(10, 10)
     bn.eval()
     torch.testing.assert_close(warm(bn, x, y), F.cross_entropy(bn(x), y))

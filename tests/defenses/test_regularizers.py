@@ -234,3 +234,16 @@ def test_regularized_adds_weighted_penalties_and_passes_hooks_through() -> None:
         Regularized(inner, [WeightCorrelation()])  # type: ignore[list-item]
     with pytest.raises(InputError, match="scalar tensor"):
         Regularized(inner, [(lambda m: 1.0, 1.0)])(model, x, y)
+
+
+def test_regularized_passes_the_schedule_hooks_through() -> None:
+    """Wrapping a certified objective keeps its per-step ramp (the trainer calls step_start on the wrapper)."""
+    from bastion.defenses.training import IBPTraining
+    from bastion.threat import LpBall
+
+    inner = IBPTraining(LpBall("linf", 0.3))
+    wrapped = Regularized(inner, [(WeightCorrelation(), 0.1)])
+    wrapped.step_start(0, 300)
+    assert inner.eps == 0.0  # the warm-up
+    wrapped.step_start(299, 300)
+    assert inner.eps == pytest.approx(0.3)

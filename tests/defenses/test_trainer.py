@@ -22,6 +22,7 @@ from torch import nn
 
 from bastion.data import Dataset, load_digits
 from bastion.defenses.training import (
+    CROWNIBP,
     PGDAT,
     AdversarialTrainer,
     EpochMetrics,
@@ -128,14 +129,19 @@ def _crash_at(epoch: int) -> Any:
     return hook
 
 
-@pytest.mark.parametrize("which", ["pgd-at", "free-at"])
+@pytest.mark.parametrize("which", ["pgd-at", "free-at", "crown-ibp"])
 def test_resume_after_a_crash_gives_the_uninterrupted_result(
     which: str, small: tuple[Dataset, Dataset], tmp_path: Path
 ) -> None:
     train_set, val_set = small
 
     def trainer(**kw: Any) -> AdversarialTrainer:
-        objective = PGDAT(THREAT, steps=2) if which == "pgd-at" else FreeAT(THREAT, replays=2)
+        objective: Any = {
+            "pgd-at": lambda: PGDAT(THREAT, steps=2),
+            "free-at": lambda: FreeAT(THREAT, replays=2),
+            # the per-step eps / kappa / beta ramp crosses the crash point (pass 2 of 4 is inside it)
+            "crown-ibp": lambda: CROWNIBP(THREAT, warmup=0.1, ramp=0.6),
+        }[which]()
         return AdversarialTrainer(
             objective, epochs=8 if which == "free-at" else 4, batch_size=32, lr=0.05, nesterov=True,
             weight_decay=5e-4, schedule="cosine", validation=val_set, val_steps=3, progress=False, **kw,
@@ -311,6 +317,41 @@ def test_unlabelled_stream_epoch_hook_and_extra_parameters(small: tuple[Dataset,
     assert none_probe.unlabelled == [None, None]
 
 
+class _StepProbe:
+    """A replayed objective recording the trainer's per-step hook."""
+
+    replays = 2
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []
+
+    def step_start(self, step: int, total_steps: int) -> None:
+        self.steps.append((step, total_steps))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def __repr__(self) -> str:
+        return "_StepProbe()"
+
+
+def test_step_hook_sees_every_global_step_and_resumes(small: tuple[Dataset, Dataset], tmp_path: Path) -> None:
+    train_set, _ = small  # 200 samples, batch 50: 4 minibatches; 4 epochs of 2 replays: 2 passes, 16 steps
+    probe = _StepProbe()
+    AdversarialTrainer(probe, epochs=4, batch_size=50, progress=False).fit(_model(), train_set)
+    assert probe.steps == [(s, 16) for s in range(16)]  # each replay is a step
+    ckpt = tmp_path / "steps.ckpt"
+    crashed = _StepProbe()
+    with pytest.raises(_Crash):
+        AdversarialTrainer(crashed, epochs=4, batch_size=50, checkpoint=ckpt, on_epoch_end=_crash_at(0),
+                           progress=False).fit(_model(), train_set)  # fmt: skip
+    resumed = _StepProbe()
+    AdversarialTrainer(resumed, epochs=4, batch_size=50, checkpoint=ckpt, resume=True, progress=False).fit(
+        _model(), train_set
+    )
+    assert crashed.steps + resumed.steps == probe.steps  # the step counter is checkpointed
+
+
 def test_bad_trainer_input_is_reported(small: tuple[Dataset, Dataset], tmp_path: Path) -> None:
     train_set, _ = small
     with pytest.raises(InputError, match="optimizer"):
@@ -350,7 +391,7 @@ from bastion.models import build_model
 from bastion.threat import LpBall
 
 
-def job(distributed, objective="pgd", checkpoint=None, crash_at=-1):
+def job(distributed, objective="pgd", checkpoint=None, crash_at=-1, epochs=3):
     g = torch.Generator().manual_seed(0)
     data = Dataset(torch.rand(80, 1, 8, 8, generator=g), torch.randint(0, 10, (80,), generator=g), 10, "rand")
     torch.manual_seed(0)
@@ -364,7 +405,7 @@ def job(distributed, objective="pgd", checkpoint=None, crash_at=-1):
             raise SystemExit(3)
 
     result = AdversarialTrainer(
-        obj, epochs=3, batch_size=20, lr=0.1, distributed=distributed, progress=False,
+        obj, epochs=epochs, batch_size=20, lr=0.1, distributed=distributed, progress=False,
         checkpoint=checkpoint, resume=checkpoint is not None, on_epoch_end=crash,
     ).fit(model, data)
     return model, result
@@ -373,8 +414,8 @@ def job(distributed, objective="pgd", checkpoint=None, crash_at=-1):
 if __name__ == "__main__":
     import os
 
-    out, objective, checkpoint, crash_at = sys.argv[1:5]
-    model, result = job("on", objective, None if checkpoint == "-" else checkpoint, int(crash_at))
+    out, objective, checkpoint, crash_at, epochs = sys.argv[1:6]
+    model, result = job("on", objective, None if checkpoint == "-" else checkpoint, int(crash_at), int(epochs))
     if os.environ["RANK"] == "0":
         torch.save({"state": model.state_dict(), "world": result.world_size, "resumed_from": result.resumed_from,
                     "losses": [m.loss for m in result.history]}, out)
@@ -387,16 +428,16 @@ def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*run, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # three fresh Python processes (torchrun and two workers)
+# Not slow: CI's only multi-process run (torchrun, two gloo workers, one epoch of 4 steps; ~10 s of wall time).
 def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     script = tmp_path / "ddp_job.py"
     script.write_text(_DDP_JOB)
     out = tmp_path / "ddp.pt"
-    done = _torchrun(script, str(out), "pgd", "-", "-1")
+    done = _torchrun(script, str(out), "pgd", "-", "-1", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     assert got["world"] == 2
-    single, result = runpy.run_path(str(script))["job"]("off")
+    single, result = runpy.run_path(str(script))["job"]("off", epochs=1)
     assert result.world_size == 1
     # the same global batches, gradients averaged over two shards of 10 instead of one batch of 20: equal up to
     # float summation order
@@ -410,11 +451,11 @@ def test_ddp_resume_after_a_crash_is_bit_identical(tmp_path: Path) -> None:
     script = tmp_path / "ddp_job.py"
     script.write_text(_DDP_JOB)
     full, resumed, ckpt = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ddp.ckpt"
-    done = _torchrun(script, str(full), "trades", "-", "-1")
+    done = _torchrun(script, str(full), "trades", "-", "-1", "3")
     assert done.returncode == 0, done.stderr[-3000:]
-    crashed = _torchrun(script, str(resumed), "trades", str(ckpt), "0")
+    crashed = _torchrun(script, str(resumed), "trades", str(ckpt), "0", "3")
     assert crashed.returncode != 0 and ckpt.exists() and not resumed.exists()
-    done = _torchrun(script, str(resumed), "trades", str(ckpt), "-1")
+    done = _torchrun(script, str(resumed), "trades", str(ckpt), "-1", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     assert b["resumed_from"] == 1 and b["world"] == 2

@@ -16,7 +16,7 @@ objective: ``Regularized(PGDAT(...), [(ParsevalPenalty(), 1.0), (WeightCorrelati
   product of per-layer l2 operator-norm bounds, :func:`lipschitz_upper_bound`, an upper bound on the network's
   l2 Lipschitz constant; :class:`LipschitzPenalty` penalises its logarithm, and :class:`LipschitzMargin` is the
   paper's training objective (cross-entropy with the non-true logits raised by ``sqrt(2) · L · eps``).
-* **Weight correlation** (Jin, Huang, Gu, Ruan, Wu & Lin, "How does Weight Correlation Affect the Generalisation
+* **Weight correlation** (Jin, Yi, Zhang, Zhang, Schewe & Huang, "How does Weight Correlation Affect the Generalisation
   Ability of Deep Neural Networks", NeurIPS 2020): the mean absolute cosine similarity between the weight vectors
   of the neurons of each layer (conv filters flattened), averaged over layers (:class:`WeightCorrelation`).
 """
@@ -389,7 +389,8 @@ class Regularized:
     """An objective plus weighted regularisers: ``objective(model, x, y) + sum_k weight_k · reg_k(model[, x])``.
 
     Every optional hook of the wrapped objective (``uses_unlabelled``, ``state_dict``/``load_state_dict``,
-    ``epoch_start``, ``extra_parameters``) is passed through, so wrapping never changes how the trainer treats it.
+    ``epoch_start``, ``step_start``, ``extra_parameters``) is passed through, so wrapping never changes how the
+    trainer treats it.
 
     Args:
         objective: the training objective (``objective(model, x, y) -> scalar``).
@@ -441,6 +442,11 @@ class Regularized:
         fn = getattr(self.objective, "epoch_start", None)
         if callable(fn):
             fn(epoch, epochs)
+
+    def step_start(self, step: int, total_steps: int) -> None:
+        fn = getattr(self.objective, "step_start", None)
+        if callable(fn):
+            fn(step, total_steps)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         fn = getattr(self.objective, "extra_parameters", None)

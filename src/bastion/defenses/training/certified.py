@@ -15,20 +15,35 @@ of every point of the ball (Wong & Kolter 2018). The training loss mixes it with
   (ICCV 2019 as "Scalable Verified Training for Provably Robust Image Classification"). ``m`` from IBP with the
   specification merged into the last linear layer ("elision", Sec. 3), κ from 1 to 0.5 and ε from 0 to its target
   linearly during a ramp that follows a warm-up of clean training (their MNIST schedule: 2k warm-up steps, 10k ramp
-  steps of 60k, i.e. fractions 1/30 and 1/6 of training).
+  steps of 60k, i.e. fractions 1/30 and 1/6 of training; the flags of deepmind/interval-bound-propagation's
+  ``examples/train.py``).
 * :class:`CROWNIBP` — Zhang, Chen, Xiao, Gowal, Stanforth, Li, Boning & Hsieh, "Towards Stable and Efficient Training
   of Verifiably Robust Neural Networks", ICLR 2020. ``m = (1 - β) · m_IBP + β · m_CROWN-IBP``: CROWN-IBP keeps the
   IBP pre-activation bounds of every layer and bounds the specification by CROWN's backward linear relaxation (one
   backward pass from the ``K - 1`` specification rows, so roughly the cost of one more forward pass per row). β goes
-  from 1 to 0 and κ from 1 to 0 during the ε ramp (their MNIST schedule: 200 epochs, ε ramped over epochs 10-60,
-  i.e. fractions 0.05 and 0.25).
+  from 1 to 0 and κ from 1 to 0.5 during the ε ramp. These are the authors' MNIST defaults for the large model of
+  their main results (huanzhang12/CROWN-IBP, ``config/mnist_dm-large_0.4.json`` on top of ``defaults.json``:
+  200 epochs, ε ramped over epochs 10-60, i.e. fractions 0.05 and 0.25, ``final-kappa`` 0.5, ``final-beta`` 0).
+  Their code sets κ and β from the current ε, ``κ = 1 - (ε / ε_target)(1 - κ_end)``, which is the same linear ramp.
 
-Schedules are applied per epoch through the trainer's ``epoch_start(epoch, epochs)`` hook (the trainer exposes no
-per-step hook): the ramp position of epoch ``e`` of ``E`` is the value a per-step linear ramp would have at the middle
-of that epoch, ``r = clip(((e + 1/2) / E - warmup) / ramp, 0, 1)``, i.e. the epoch's average of the per-step ramp,
-and ``ε = r · ε_target``, ``κ = κ_start + r (κ_end - κ_start)``, ``β = β_start + r (β_end - β_start)``. Used outside
-a trainer that calls the hook (e.g. :func:`~bastion.defenses.training.train`), an objective trains at the end of its
-schedule (full ε, ``κ_end``, ``β_end``).
+Schedules are per optimiser step, as in both papers' code: the trainer calls ``step_start(step, total_steps)`` before
+every step (:mod:`~bastion.defenses.training.trainer`; the step counter is checkpointed, so a resumed run follows the
+same schedule), and :func:`ramp_position` gives ``r = clip((step / total_steps - warmup) / ramp, 0, 1)``; then
+``ε = r · ε_target``, ``κ = κ_start + r (κ_end - κ_start)``, ``β = β_start + r (β_end - β_start)``. A caller that
+only has the per-epoch hook ``epoch_start(epoch, epochs)`` (a wrapper that forwards just that one) gets the per-step
+ramp at the middle of the epoch. Used outside a trainer that calls a hook (e.g.
+:func:`~bastion.defenses.training.train`), an objective trains at the end of its schedule (full ε, ``κ_end``,
+``β_end``).
+
+Known collapse. With ``κ_end = 0`` the loss at the end of the ramp is the certified loss alone. When the bounds are
+loose (ε grows faster than the network can tighten them) its minimiser is the constant classifier: all margins 0,
+loss ``ln K``, nothing left to pull the model back (bastion's MNIST run at ε = 0.4 with a 236-step ramp, applied per
+epoch, ended that way). Both papers ramp over about 10k steps or more after a warm-up (Gowal et al. 10k; Zhang et
+al. 50 epochs of 60k images, ≈ 11.7k steps at batch 256; their small-model configuration ``config/mnist_crown.json``
+trains on the certified loss alone, κ = 0 throughout, but ramps over 60 epochs, ≈ 14k steps). So when the trainer
+first passes ``total_steps``, an objective with
+``κ_end = 0`` and fewer than :data:`MIN_PURE_ROBUST_RAMP_STEPS` ramp steps, or no warm-up, raises a
+:class:`CertifiedScheduleWarning` (once per objective and total; bastion's rule, a tenth of the papers' ramps).
 
 Scope: the l∞ ball only (the ball ∩ input domain is then a box; inputs are clipped to the domain); networks the
 verification IR accepts in live mode (no BatchNorm; Dropout is ignored by the bounds). Under DDP the clean forward
@@ -38,6 +53,7 @@ pass goes through the wrapper (so gradients are all-reduced) and the bounds thro
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +61,7 @@ from torch import Tensor, nn
 
 from bastion.data import Dataset
 from bastion.defenses.training.inner import check_batch, check_objective_threat, unwrap
-from bastion.errors import InputError
+from bastion.errors import BastionWarning, InputError
 from bastion.threat import LpBall
 from bastion.verify.bounds import BoundOptions, compute_bounds, robustness_spec
 from bastion.verify.certify import certify
@@ -53,22 +69,42 @@ from bastion.verify.ibp import ibp_bounds, spec_interval
 from bastion.verify.ir import Network
 from bastion.verify.ops import LinearOp, ReindexOp
 
-__all__ = ["CROWNIBP", "IBPTraining", "ramp_position", "verified_accuracy", "worst_case_logits"]
+__all__ = [
+    "CROWNIBP",
+    "MIN_PURE_ROBUST_RAMP_STEPS",
+    "CertifiedScheduleWarning",
+    "IBPTraining",
+    "ramp_position",
+    "verified_accuracy",
+    "worst_case_logits",
+]
 
 Bounds = tuple[Tensor, Tensor]
 
 
-def ramp_position(epoch: int, epochs: int, warmup: float, ramp: float) -> float:
-    """Position ``r`` in ``[0, 1]`` of the ε ramp for epoch ``epoch`` (0-based) of ``epochs``.
+#: fewer ramp steps than this with ``κ_end = 0`` raise a :class:`CertifiedScheduleWarning` (module docstring)
+MIN_PURE_ROBUST_RAMP_STEPS = 1000
 
-    A per-step linear ramp starting after ``warmup`` and lasting ``ramp`` (both fractions of training) evaluated at
-    the middle of the epoch (its average over the epoch's steps when the epoch lies inside the ramp). With
+
+class CertifiedScheduleWarning(BastionWarning):
+    """A certified-training schedule known to collapse to a constant classifier (see the certified module)."""
+
+
+def ramp_position(step: int, total_steps: int, warmup: float, ramp: float) -> float:
+    """Position ``r`` in ``[0, 1]`` of the ε ramp before optimiser step ``step`` (0-based) of ``total_steps``.
+
+    ``r = clip((step / total_steps - warmup) / ramp, 0, 1)``: 0 during the warm-up (``warmup`` of training), linear
+    over the next ``ramp`` of training, then 1 (Gowal et al. 2018 and Zhang et al. 2020 ramp per step). With
     ``ramp == 0`` the ramp is a step at ``warmup``.
     """
-    if epochs < 1 or not 0 <= epoch < epochs:
-        raise InputError(f"epoch must lie in [0, epochs) with epochs >= 1, got epoch={epoch!r}, epochs={epochs!r}")
-    warmup, ramp = _fraction("warmup", warmup), _fraction("ramp", ramp)
-    t = (epoch + 0.5) / epochs
+    if isinstance(step, bool) or isinstance(total_steps, bool) or total_steps < 1 or not 0 <= step < total_steps:
+        raise InputError(
+            f"step must lie in [0, total_steps) with total_steps >= 1, got step={step!r}, total_steps={total_steps!r}"
+        )
+    return _ramp(step / total_steps, _fraction("warmup", warmup), _fraction("ramp", ramp))
+
+
+def _ramp(t: float, warmup: float, ramp: float) -> float:
     if ramp <= 0:
         return 1.0 if t >= warmup else 0.0
     return min(1.0, max(0.0, (t - warmup) / ramp))
@@ -124,7 +160,8 @@ class _CertifiedObjective:
         self.elide_last_layer = bool(elide_last_layer)
         self._net: Network | None = None
         self._net_key: tuple[int, ...] | None = None
-        self.position = 1.0  # end of schedule until a trainer calls epoch_start
+        self.position = 1.0  # end of schedule until a trainer calls a schedule hook
+        self._checked_total: int | None = None  # total_steps the collapse check last ran for
         self._apply(self.position)
 
     # -- schedule ---------------------------------------------------------------------------------------------
@@ -133,9 +170,39 @@ class _CertifiedObjective:
         self.eps = r * self.threat.eps
         self.kappa = self.kappa_start + r * (self.kappa_end - self.kappa_start)
 
+    def step_start(self, step: int, total_steps: int) -> None:
+        """Set ε, κ (and β) for the coming optimiser step (the trainer's per-step hook); see the module docstring."""
+        step, total_steps = int(step), int(total_steps)
+        if total_steps != self._checked_total:
+            self._checked_total = total_steps
+            self._check_schedule(total_steps)
+        self._apply(ramp_position(step, total_steps, self.warmup, self.ramp))
+
     def epoch_start(self, epoch: int, epochs: int) -> None:
-        """Set ε, κ (and β) for the coming epoch (the trainer's hook); see the module docstring."""
-        self._apply(ramp_position(int(epoch), int(epochs), self.warmup, self.ramp))
+        """Per-epoch fallback for callers without the step hook: the per-step ramp at the middle of the epoch.
+
+        The trainer calls :meth:`step_start` before every step as well, which overrides this.
+        """
+        epoch, epochs = int(epoch), int(epochs)
+        if epochs < 1 or not 0 <= epoch < epochs:
+            raise InputError(f"epoch must lie in [0, epochs) with epochs >= 1, got epoch={epoch!r}, epochs={epochs!r}")
+        self._apply(_ramp((epoch + 0.5) / epochs, self.warmup, self.ramp))
+
+    def _check_schedule(self, total_steps: int) -> None:
+        """Warn about a schedule known to collapse to a constant classifier (module docstring)."""
+        if self.kappa_end > 0.0 or self.threat.eps <= 0.0:
+            return
+        ramp_steps, warmup_steps = self.ramp * total_steps, self.warmup * total_steps
+        if ramp_steps >= MIN_PURE_ROBUST_RAMP_STEPS and warmup_steps >= 1.0:
+            return
+        warnings.warn(
+            f"{type(self).__name__} with kappa_end=0 (no clean loss once the ramp ends), a ramp of "
+            f"{ramp_steps:.0f} optimiser steps (ramp={self.ramp:g} of {total_steps}) and {warmup_steps:.0f} warm-up "
+            f"steps is known to collapse to a constant classifier; use kappa_end=0.5 (the default), a ramp of at "
+            f"least {MIN_PURE_ROBUST_RAMP_STEPS} steps after a warm-up, or more epochs",
+            CertifiedScheduleWarning,
+            stacklevel=3,
+        )
 
     # -- bounds -----------------------------------------------------------------------------------------------
     def network(self, model: nn.Module, input_shape: tuple[int, ...]) -> Network:
@@ -281,9 +348,10 @@ class CROWNIBP(_CertifiedObjective):
     """CROWN-IBP certified training (Zhang et al., ICLR 2020).
 
     Loss ``κ · CE(f(x), y) + (1 - κ) · CE(ẑ, y)`` with the worst-case logits of the margin bound
-    ``(1 - β) · m_IBP + β · m_CROWN-IBP`` (module docstring). Defaults are the paper's MNIST schedule (ε ramped over
-    epochs 10-60 of 200) with β from 1 to 0 and κ from 1 to 0 during the ramp; once β reaches 0 the backward pass is
-    skipped and training costs as much as IBP.
+    ``(1 - β) · m_IBP + β · m_CROWN-IBP`` (module docstring). Defaults are the authors' MNIST configuration (ε ramped
+    per step over epochs 10-60 of 200, β from 1 to 0 and κ from 1 to 0.5 during the ramp: ``final-kappa`` 0.5 of
+    their reference code); once β reaches 0 the backward pass is skipped and training costs as much as IBP.
+    ``kappa_end=0`` (no clean loss at the end) needs a long ramp: see the module docstring's collapse warning.
 
     Args:
         threat: an l∞ ``LpBall``; its ``eps`` is the target training radius.
@@ -303,7 +371,7 @@ class CROWNIBP(_CertifiedObjective):
         threat: LpBall,
         *,
         kappa_start: float = 1.0,
-        kappa_end: float = 0.0,
+        kappa_end: float = 0.5,
         beta_start: float = 1.0,
         beta_end: float = 0.0,
         warmup: float = 0.05,

@@ -26,6 +26,10 @@ The objective protocol
 * ``state_dict()`` / ``load_state_dict(state)``: objective state (a carried perturbation, a discriminator) saved in
   checkpoints with the model.
 * ``epoch_start(epoch: int, epochs: int)``: called before each pass (ramps of eps or of a weight).
+* ``step_start(step: int, total_steps: int)``: called before each optimiser step with the global step counter
+  (0-based; every replay of a Free-AT minibatch is a step) and the run's planned number of steps,
+  ``passes · ceil(n / batch_size) · replays``. The counter is checkpointed, so a resumed run sees exactly the steps
+  an uninterrupted one would, and every DDP rank sees the same step. Per-step ramps (certified training) use it.
 * ``extra_parameters()``: parameters the objective optimises itself; the trainer's optimiser leaves them alone.
 """
 
@@ -50,7 +54,7 @@ from bastion.data import Dataset
 from bastion.defenses.training.inner import pgd_perturb
 from bastion.errors import InputError
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
-from bastion.threat import LpBall
+from bastion.threat import LpBall, pgd_step_size
 
 __all__ = [
     "OPTIMIZERS",
@@ -76,7 +80,9 @@ class Objective(Protocol):
     """A training loss: ``objective(model, x, y) -> scalar tensor`` (model in training mode).
 
     See the module docstring for the optional attributes (``uses_unlabelled``, ``replays``, ``state_dict``,
-    ``load_state_dict``, ``epoch_start``, ``extra_parameters``) that :class:`AdversarialTrainer` honours.
+    ``load_state_dict``, ``epoch_start``, ``step_start``, ``extra_parameters``) that :class:`AdversarialTrainer`
+    honours: ``epoch_start(epoch, epochs)`` before each pass, ``step_start(step, total_steps)`` before each
+    optimiser step.
     """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
@@ -324,7 +330,7 @@ class AdversarialTrainer:
             PyTorch's global generator that objectives draw their random starts from. With the same initial
             weights and seed, two runs give identical models.
         validation: data to validate on after each pass (clean and PGD accuracy), or ``None``.
-        val_steps: PGD steps of the validation attack (step ``2.5·eps / val_steps``, random start).
+        val_steps: PGD steps of the validation attack (random start, the step of :func:`bastion.threat.pgd_step_size`).
         restore_best: at the end, reset the weights to the pass of best validation robust accuracy (Rice et al.).
         checkpoint: file to write after every pass (atomically); ``None`` for none.
         resume: continue from ``checkpoint`` if it exists (the configuration must match).
@@ -547,6 +553,8 @@ class AdversarialTrainer:
         batches_per_pass = math.ceil(n / self.batch_size)
         total_steps = self.passes * batches_per_pass * self.replays
         uses_unlabelled = bool(getattr(objective, "uses_unlabelled", False))
+        step_hook = getattr(objective, "step_start", None)
+        step_hook = step_hook if callable(step_hook) else None
         bar = tqdm(
             total=self.passes,
             initial=resumed_from,
@@ -590,6 +598,8 @@ class AdversarialTrainer:
                         )
                         for group in opt.param_groups:
                             group["lr"] = lr
+                        if step_hook is not None:
+                            step_hook(state["step"], total_steps)
                         loss = objective(net, xb, yb, **kwargs)
                         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                             raise InputError(f"the objective {objective!r} must return a scalar tensor loss")
@@ -698,11 +708,11 @@ class AdversarialTrainer:
 
     @torch.no_grad()
     def _validate(self, model: nn.Module, device: torch.device) -> tuple[float, float]:
-        """Clean and PGD accuracy on the validation data (PGD with ``val_steps`` steps of 2.5·eps/steps)."""
+        """Clean and PGD accuracy on the validation data (``val_steps`` steps of the library's PGD step)."""
         assert self.validation is not None and self.threat is not None
         gen = torch.Generator(device=device).manual_seed(self.seed + 104729)
         clean = robust = 0
-        step = 2.5 * self.threat.eps / self.val_steps if math.isfinite(self.threat.eps) else 0.1
+        step = pgd_step_size(self.threat.eps, self.val_steps) if math.isfinite(self.threat.eps) else 0.1
         for _, xb, yb in self.validation.batches(max(self.batch_size, 256)):
             xb, yb = xb.to(device), yb.to(device)
             with eval_mode(model):

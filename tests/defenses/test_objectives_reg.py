@@ -12,6 +12,7 @@ features where the discriminator separates them best, a training loss that decre
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 from typing import Any
@@ -292,6 +293,31 @@ def test_at_scr_adds_the_weighted_regulariser_to_pgd_training() -> None:
     assert regularised > plain > 0
     with pytest.raises(InputError):
         ATSCR(THREAT, weight=-1.0)
+
+
+def test_at_scr_batchnorm_sees_only_the_adversarial_batch() -> None:
+    """Like PGD-AT, the objective it extends: BatchNorm is updated by the adversarial pass alone, and the
+    cross-entropy term is PGD-AT's loss (the clean features use the running statistics)."""
+    from bastion.defenses.training import PGDAT
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    with torch.no_grad():  # running statistics far from any batch's, so that mixing them in would show
+        model[2].running_mean.fill_(3.0)
+        model[2].running_var.fill_(5.0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    models = [copy.deepcopy(model).train() for _ in range(3)]
+    losses = []
+    for m, objective in zip(models, [PGDAT(THREAT, steps=7, step_size=EPS / 4), ATSCR(THREAT, weight=0.0),
+                                     ATSCR(THREAT, weight=1.0)]):  # fmt: skip
+        torch.manual_seed(5)  # the same random start for all three
+        losses.append(_f(objective(m, x, y)))
+        assert m.training and m[2].training  # the mode the trainer set is left as it was
+    for m in models[1:]:
+        torch.testing.assert_close(m[2].running_mean, models[0][2].running_mean)
+        torch.testing.assert_close(m[2].running_var, models[0][2].running_var)
+    assert losses[1] == pytest.approx(losses[0])
+    assert losses[2] > losses[1]
 
 
 # --------------------------------------------------------------------------------------------- ATLD

@@ -18,6 +18,14 @@ The training loss is the PGD-AT loss (Madry et al., ICLR 2018) plus the weighted
 
     L = CE(f(x'), y) + lam · SCR,   x' = PGD_{S(x)}(CE).
 
+**Model mode.** The adversarial forward pass (cross-entropy and adversarial features) runs in the mode the trainer
+set, train mode, exactly as in PGD-AT, the objective AT-SCR extends: BatchNorm normalises and updates its running
+statistics with the adversarial batch alone. The clean features, which only enter the regulariser, are computed in
+eval mode (running statistics, no dropout), with gradients: one concatenated train-mode pass over clean and
+adversarial inputs, as an earlier version did, would normalise both with statistics of the mixed batch and move the
+running averages towards clean inputs that PGD-AT never trains on. On models without BatchNorm or dropout both
+choices give the same loss.
+
 Hyperparameters: the inner maximisation is Madry et al.'s CIFAR-10 PGD (random start, 7 steps of eps/4).
 The default weight ``lam = 1.0`` is this implementation's choice, not read from the paper (tune it: the SCR term
 scales with the squared feature magnitude).
@@ -34,6 +42,7 @@ from torch import Tensor, nn
 from bastion.attacks.base import positive_float, positive_int
 from bastion.defenses.training.features import ObjectiveRandomness, features_and_logits, split_model
 from bastion.defenses.training.inner import check_batch, check_objective_threat, pgd_perturb
+from bastion.models.checks import eval_mode
 from bastion.threat import LpBall
 
 __all__ = ["ATSCR", "shift_consistency"]
@@ -116,11 +125,13 @@ class ATSCR:
             step_size=self.step_size,
             generator=self._rng.generator(x.device),
         )
-        # one forward pass over clean and adversarial inputs: the shift needs gradients through both feature sets
-        feats, logits = features_and_logits(body, head, torch.cat([x, x_adv]))
-        clean_feats, adv_feats = feats[: x.shape[0]], feats[x.shape[0] :]
-        loss = F.cross_entropy(logits[x.shape[0] :], y)
+        # PGD-AT's pass: adversarial inputs only, in the trainer's (train) mode
+        adv_feats, logits = features_and_logits(body, head, x_adv)
+        loss = F.cross_entropy(logits, y)
         if self.weight:
+            # clean features with the running statistics (module docstring); gradients flow through them too
+            with eval_mode(body):
+                clean_feats = body(x).flatten(1)
             loss = loss + self.weight * shift_consistency(clean_feats, adv_feats, y, logits.shape[1])
         return loss
 

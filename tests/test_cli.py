@@ -95,6 +95,18 @@ def test_evaluate_help_documents_the_spec_forms(capsys: pytest.CaptureFixture[st
         assert text in out
 
 
+def test_evaluate_l0_with_jsma_finishes(capsys: pytest.CaptureFixture[str], digits_mlp_path: Path) -> None:
+    """The documented l0 path: ``--norm l0 --attack jsma`` runs to the end (the masking checks included)."""
+    rc, out, err = run_cli(capsys, "evaluate", "--model", os.fspath(digits_mlp_path), "--data", "digits",
+                           "--limit", "16", "--norm", "l0", "--eps", "2,6", "--attack", "jsma", "--json")  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["threats"] == ["l0:2.0", "l0:6.0"]
+    assert summary["worst_case"]["l0:6.0"] <= summary["worst_case"]["l0:2.0"] < summary["clean_accuracy"]
+    rc, out, _ = run_cli(capsys, "evaluate", "--help")
+    assert "l0" in out.split("--norm NORM", 2)[2].split("--eps", 1)[0]
+
+
 def test_attacks_lists_fgsm_bim_pgd(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run_cli(capsys, "attacks")
     assert rc == 0, err

@@ -69,11 +69,50 @@ def test_preflight_catches_each_defect(setup, fn, code: str) -> None:  # type: i
     assert code in found
 
 
+def test_random_outputs_check_knows_eot(setup) -> None:
+    """A model already wrapped in EOT is not told to be wrapped in EOT; too few draws are still reported."""
+    from bastion.attacks import EOT
+
+    model, data = setup
+    torch.manual_seed(0)
+
+    def noisy(sigma: float) -> nn.Module:
+        return Wrap(model, lambda m, x: m(x + sigma * torch.randn_like(x)))
+
+    found = [f for f in preflight(noisy(0.05), data.x, data.y) if f.code == "random-outputs"]
+    assert len(found) == 1 and "EOT(model" in found[0].message
+    assert "random-outputs" not in codes(preflight(EOT(noisy(0.05), samples=200), data.x, data.y))
+    found = [f for f in preflight(EOT(noisy(0.5), samples=1), data.x, data.y) if f.code == "random-outputs"]
+    assert len(found) == 1 and "samples=1" in found[0].message and "raise EOT's samples" in found[0].message
+
+
 def test_unbounded_radius_must_reach_zero(setup) -> None:
     model, data = setup
     masked = Wrap(model, lambda m, x: m(torch.round(x * 3) / 3))
     found = unbounded_check(masked, data.x[:32], data.y[:32], LpBall("linf", 0.1))
     assert codes(found) == {"unbounded-not-zero"}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1", "l0"])
+def test_unbounded_check_covers_every_norm(setup, norm: str) -> None:
+    """An unbounded ball of any norm is the whole domain: the check runs (no error) and judges the model alike."""
+    model, data = setup
+    threat = LpBall(norm, 3 if norm == "l0" else 0.1)
+    assert unbounded_check(model, data.x[:32], data.y[:32], threat) == []
+    masked = Wrap(model, lambda m, x: m(torch.round(x * 3) / 3))
+    assert codes(unbounded_check(masked, data.x[:32], data.y[:32], threat)) == {"unbounded-not-zero"}
+
+
+def test_l0_evaluation_runs_its_posthoc_checks(setup) -> None:
+    """evaluate() on l0 balls finishes with its checks, which find the masking of a quantised model once."""
+    from bastion.attacks import JSMA
+
+    model, data = setup
+    masked = Wrap(model, lambda m, x: m(torch.round(x * 3) / 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MaskingWarning)
+        res = evaluate(masked, data.subset(slice(0, 16)), [LpBall("l0", 2), LpBall("l0", 4)], [JSMA()], progress=False)
+    assert [c for c, _ in res.warnings].count("unbounded-not-zero") == 1
 
 
 class FakeScoreAttack(Attack):

@@ -8,7 +8,9 @@ the run and explained in ``docs/gradient-masking.md``:
 
 ``random-outputs``
     Two forward passes on the same inputs differ: the model is randomised, so a single gradient is a noisy sample.
-    Attack through :class:`bastion.attacks.EOT`.
+    Attack through :class:`bastion.attacks.EOT`. A model that is already wrapped in ``EOT`` is expected to differ
+    between passes (its average is over fresh draws); for it the check fails only when the averaged *decisions*
+    still change between two passes, which means the average is over too few draws: raise ``samples``.
 ``softmax-outputs``
     The outputs are probabilities, not logits: saturated softmax outputs have vanishing gradients.
 ``zero-gradients`` / ``nonfinite-gradients``
@@ -21,7 +23,9 @@ the run and explained in ``docs/gradient-masking.md``:
     A score- or label-based attack broke points on which every earlier white-box attack of the cascade failed.
 ``unbounded-not-zero``
     With an unbounded radius (any input of the domain allowed) an attack still leaves points unbroken, which can
-    only happen when the attack, not the model, is failing.
+    only happen when the attack, not the model, is failing. An unbounded ball of any norm (l0, l1, l2 or l∞) is
+    the whole input domain, the same set for every norm, so the check runs once per domain, as PGD in the domain
+    box (the l∞ geometry of that set).
 """
 
 from __future__ import annotations
@@ -60,10 +64,32 @@ class Finding:
         warnings.warn(f"[{self.code}] {self.message}", MaskingWarning, stacklevel=3)
 
 
-@torch.no_grad()
-def _outputs_differ(model: nn.Module, x: torch.Tensor) -> bool:
-    a, b = model(x), model(x)
-    return not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+def _randomness_finding(model: nn.Module, x: torch.Tensor) -> Finding | None:
+    """The ``random-outputs`` check: two passes on the same inputs, judged by whether the model averages (EOT)."""
+    from bastion.attacks.wrappers import EOT
+
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        return None
+    eot = [m for m in model.modules() if isinstance(m, EOT)]
+    if not eot:
+        return Finding(
+            "random-outputs",
+            "two forward passes on the same inputs give different outputs: the model is randomised, so "
+            "gradients are noisy samples and single-draw attacks over-estimate robustness; attack "
+            "EOT(model, samples=...) from bastion.attacks",
+        )
+    flipped = int((a.argmax(dim=1) != b.argmax(dim=1)).sum())
+    if flipped == 0:
+        return None  # an EOT average varies from call to call, but its decisions are stable
+    samples = ", ".join(str(m.samples) for m in eot)
+    return Finding(
+        "random-outputs",
+        f"the model is wrapped in EOT (samples={samples}), yet its averaged prediction changes between two passes "
+        f"for {flipped} of {x.shape[0]} inputs: the average is over too few draws, so its gradients are still "
+        "noisy; raise EOT's samples",
+    )
 
 
 def preflight(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Finding]:
@@ -79,15 +105,9 @@ def preflight(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Findin
     """
     found: list[Finding] = []
     with eval_mode(model):
-        if _outputs_differ(model, x):
-            found.append(
-                Finding(
-                    "random-outputs",
-                    "two forward passes on the same inputs give different outputs: the model is randomised, so "
-                    "gradients are noisy samples and single-draw attacks over-estimate robustness; attack "
-                    "EOT(model, samples=...) from bastion.attacks",
-                )
-            )
+        randomness = _randomness_finding(model, x)
+        if randomness is not None:
+            found.append(randomness)
         with torch.no_grad():
             logits = model(x)
         if looks_like_probabilities(logits):
@@ -182,7 +202,10 @@ def unbounded_check(
 ) -> list[Finding]:
     """With an unbounded radius every point can be moved anywhere in the domain: an attack must reach 0 %.
 
-    Runs PGD inside the whole domain (``eps = inf``) with large steps on the given batch.
+    An Lp ball of infinite radius is the input domain itself whatever ``p`` (for l0: every feature may change),
+    so only ``threat``'s domain matters: PGD runs in the domain box, from the clean input, with sign steps of a
+    tenth of the domain's width. Threat models other than Lp balls (flows, patches) have no unbounded version
+    that reaches the whole domain and are not checked.
     """
     from bastion.attacks.pgd import PGD
     from bastion.threat import LpBall
@@ -190,18 +213,16 @@ def unbounded_check(
     if not isinstance(threat, LpBall):
         return []
     lo, hi = threat.domain
-    dim = x[0].numel()
-    width = (hi - lo) * {"linf": 1.0, "l2": math.sqrt(dim), "l1": float(dim)}.get(threat.norm, 1.0)
-    big = threat.with_eps(math.inf)
-    res = PGD(steps=steps, abs_stepsize=width / 10, random_start=False)(model, x, y, threat=big)
+    whole = LpBall("linf", math.inf, domain=threat.domain)
+    res = PGD(steps=steps, abs_stepsize=(hi - lo) / 10, random_start=False)(model, x, y, threat=whole)
     left = int(((res.clean_pred == y) & ~res.success).sum())
     if left == 0:
         return []
     return [
         Finding(
             "unbounded-not-zero",
-            f"with an unbounded {threat.norm} radius PGD still leaves {left} of {x.shape[0]} points unbroken: the "
-            "attack is failing (masked or uninformative gradients), so bounded-radius results over-estimate "
-            "robustness",
+            f"with an unbounded radius (any input of the domain [{lo:g}, {hi:g}]) PGD still leaves {left} of "
+            f"{x.shape[0]} points unbroken: the attack is failing (masked or uninformative gradients), so "
+            "bounded-radius results over-estimate robustness",
         )
     ]

@@ -63,6 +63,25 @@ def test_assess_round_trip(digits_mlp_path: Path, tmp_path: Path, capsys) -> Non
     assert code == 0 and "robust" in text and "decided by" in text
 
 
+def test_radius_default_is_the_same_everywhere(digits_mlp_path: Path, capsys) -> None:
+    """certify() and assess() compute radii by default, and so do both commands; --no-radius turns it off."""
+    import inspect
+
+    from bastion.verify.assess import assess
+
+    assert inspect.signature(certify).parameters["radius"].default is True
+    assert inspect.signature(assess).parameters["radius"].default is True
+    common = ["--model", str(digits_mlp_path), "--data", "digits", "--limit", "6", "--eps", "0.02", "--json"]
+    assess_opts = ["--budget", "0", "--attack", "fgsm", "--minimal-attack", "none", "--methods", "ibp"]
+    for command, extra in (("certify", ["--method", "ibp"]), ("assess", assess_opts)):
+        with_radius = json.loads(_run(capsys, [command, *common, *extra])[1])
+        without = json.loads(_run(capsys, [command, *common, *extra, "--no-radius"])[1])
+        radii = [r["certified"] for r in with_radius["records"] if r["certified"] is not None]
+        plain = [r["certified"] for r in without["records"] if r["status"] == "robust"]
+        assert radii and any(r > 0.02 * 1.01 for r in radii), command  # bisected beyond eps
+        assert plain and all(r == pytest.approx(0.02) for r in plain), command  # eps, no bisection
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

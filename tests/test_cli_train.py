@@ -90,3 +90,12 @@ def test_train_bad_input_is_one_line_with_status_2(capsys: pytest.CaptureFixture
     assert run_cli(capsys, *train_args(out, "--epochs", "1"))[0] == 0
     rc, _, err = run_cli(capsys, *train_args(out, "--epochs", "1", "--lr", "0.01", "--resume"))
     assert rc == 2 and "another training run" in err
+
+
+def test_train_help_lists_every_registered_objective(capsys: pytest.CaptureFixture[str]) -> None:
+    from bastion.defenses.training.registry import OBJECTIVES
+
+    rc, out, _ = run_cli(capsys, "train", "--help")
+    assert rc == 0
+    listed = out.split("objectives:", 1)[1].split("(options", 1)[0].replace(",", " ").split()
+    assert sorted(listed) == sorted(OBJECTIVES)

@@ -13,9 +13,10 @@ left undecided at the threat's radius ``eps``:
    the ball);
 4. incomplete verifiers on the survivors, cheapest first: IBP -> CROWN -> alpha-CROWN (any of
    :data:`~bastion.verify.certify.METHODS`); a proof is ``robust``;
-5. complete search (:func:`bastion.verify.bab.verify`, or the MILP of :mod:`bastion.verify.milp` where branch and
-   bound is not available) on what is left, within ``budget`` seconds per sample (l-inf only: the complete
-   methods take box specifications); a counterexample is re-executed on the model before it falsifies a sample;
+5. complete search (:func:`bastion.verify.bab.verify`: branch and bound, which itself solves small sub-problems
+   with the MILP of :mod:`bastion.verify.milp`) on what is left, within ``budget`` seconds per sample (l-inf only:
+   the complete methods take box specifications); a network outside what branch and bound handles leaves its
+   samples ``unknown``; a counterexample is re-executed on the model before it falsifies a sample;
 6. the certified radius of every correctly classified sample by bisection on eps
    (:func:`~bastion.verify.certify.certified_radius`), the lower end of the bracket.
 
@@ -179,7 +180,8 @@ def assess(
             (then only the fixed-eps attacks' distances are known).
         methods: incomplete verifiers in the order they run, from :data:`~bastion.verify.certify.METHODS`.
         complete: run the complete search on what the verifiers leave (l-inf only).
-        radius: compute the certified radius of every correctly classified sample.
+        radius: compute the certified radius of every correctly classified sample (the default, as in
+            :func:`~bastion.verify.certify.certify`); it costs about 4-60 bound computations' time per sample.
         radius_method: bound method of the radius bisection.
         tolerance: relative tolerance of the radius bisection.
         batch_size: samples per batch and per store transaction.

@@ -68,10 +68,13 @@ class UniversalPerturbation:
     soon as the fooling rate on the training set (the fraction of points with ``k(clip(x + v)) != k(x)``) reaches
     ``1 - delta``, or after ``max_passes``.
 
-    As in the paper (and the authors' code), ``Δv_i`` is DeepFool's minimal *l2* perturbation for both norms; the
-    norm only decides the projection. As in the authors' code, a point on which DeepFool does not cross the
-    boundary within ``deepfool_steps`` iterations leaves ``v`` unchanged. Unlike the paper, which has no input
-    domain, the perturbed input is always clipped to the data's domain, and ``v`` is also kept within
+    As in the paper (and the authors' code), ``Δv_i`` is an *l2* DeepFool perturbation for both norms; the norm only
+    decides the projection. As in the authors' code, a point on which DeepFool does not cross the boundary within
+    ``deepfool_steps`` iterations leaves ``v`` unchanged. Unlike the paper, which has no input domain, the
+    perturbed input is always clipped to the data's domain, and ``Δv_i`` comes from the *box-aware* DeepFool
+    (``DeepFool(box="mask")``: the linearisation leaves out features already at a bound of the domain whose gradient
+    points further out), not the paper's unconstrained linearisation, whose steps the clipping would partly undo;
+    ``v`` is also kept within
     ``±(hi - lo)`` per feature (larger values have no effect after clipping). The result is the ``v`` of the last
     pass, as in the paper, not the best one seen: the training fooling rate need not grow from pass to pass (later
     updates can undo earlier ones), which ``history`` shows.

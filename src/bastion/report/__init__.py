@@ -1,4 +1,4 @@
-"""Reports: figures (and later HTML reports) from evaluation results."""
+"""Figures from evaluation and certification results (matplotlib): robust accuracy and certified accuracy curves."""
 
 from __future__ import annotations
 

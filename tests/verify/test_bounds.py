@@ -104,10 +104,15 @@ def test_relaxations_pointwise(op, mode: str) -> None:
     lo, hi = centre - radius, centre + radius
     lo[100:200], hi[100:200] = -torch.rand(100, generator=g, dtype=torch.float64), torch.rand(100, generator=g).double()
     lo[200:210], hi[200:210] = -30.0, 40.0
-    alpha = torch.rand(n, 1, generator=g, dtype=torch.float64) if op.has_alpha else None
+    alpha = None
+    if op.has_alpha:
+        # One specification row of parameters, shaped like the op's own (ReLU: a slope; S-shapes: two tangents).
+        shape = op.alpha_init(lo, hi).shape if hasattr(op, "alpha_init") else lo.shape
+        a_min, a_max = op.alpha_bounds()
+        alpha = a_min + (a_max - a_min) * torch.rand(shape, generator=g, dtype=torch.float64).unsqueeze(1)
     for a in [None, alpha]:
         lw, lb, uw, ub = op.relax(lo, hi, a, mode=mode)
-        lw, lb = lw.reshape(n), lb.reshape(n)
+        lw, lb, uw, ub = (v.reshape(n) for v in (lw, lb, uw, ub))
         t = torch.rand(n, 64, generator=g, dtype=torch.float64)
         t[:, 0], t[:, 1] = 0.0, 1.0
         x = lo.unsqueeze(1) + t * (hi - lo).unsqueeze(1)

@@ -1,20 +1,32 @@
-"""alpha-CROWN: CROWN with the lower relaxation slopes optimised by gradient ascent.
+"""alpha-CROWN: CROWN with the free parameters of the activation relaxations optimised by gradient ascent.
 
 Xu, Zhang, Wang, Wang, Jana, Lin, Hsieh, "Fast and Complete: Enabling Complete Neural Network Verification with
 Rapid and Massively Parallel Incomplete Verifiers", ICLR 2021.
 
 The lower bound of an unstable ReLU (or LeakyReLU) ``y >= alpha * x`` is valid for every ``alpha`` in ``[0, 1]``
-(``[slope, 1]`` for LeakyReLU), so every choice gives a sound CROWN bound and the best can be searched. The slopes
-are free per neuron *and per specification row* (a separate alpha for each row of ``[C; -C]``), initialised at
-CROWN's adaptive choice and optimised with Adam on the sum of the final bounds, projected back onto the valid
-interval after each step. The best bound seen for each row is kept, so the result is never looser than CROWN.
+(``[slope, 1]`` for LeakyReLU), so every choice gives a sound CROWN bound and the best can be searched. Sigmoid and
+tanh have two free parameters per neuron, the tangent points of their lower and upper lines (both lines can be
+improved, unlike ReLU's upper chord). A box inside the convex (concave) part allows the lower (upper) tangent at any
+point of the box; a box across the inflection point allows the tangents at the points between the one whose tangent
+passes through the opposite end of the box and the near end (the kind of family auto_LiRPA optimises for sigmoid and
+tanh). Each parameter is the position ``t in [0, 1]`` of the tangent point in that range (see
+:class:`bastion.verify.ops.SigmoidOp`), so every value gives a sound line. The parameters are free per neuron *and
+per specification row* (a separate set for each row of ``[C; -C]``), initialised at CROWN's choice and optimised
+with Adam on the sum of the final bounds, projected back onto the valid interval after each step. The best bound
+seen for each row is kept, so the result is never looser than CROWN.
 
-Defaults follow the paper's code: 20 iterations, learning rate 0.1, learning-rate decay 0.98 per step. By default the
-pre-activation bounds of intermediate layers are CROWN's (not re-optimised), which keeps the cost at one backward pass
-per step. With ``optimize_intermediate=True`` every intermediate layer that CROWN refines by back-substitution gets
-its own slopes too (per neuron of the relaxed layer and per row of that layer's specification, as in the paper); its
-bounds are recomputed at every step from those slopes, intersected with CROWN's, and the whole chain is optimised
-through the final objective. The returned intermediate bounds are the tightest seen at any step.
+The loop knows no operator: a nonlinear op takes part when it sets ``has_alpha``; ``alpha_bounds()`` is the valid
+interval (the projection), ``backward_bound(..., alpha=...)`` takes the parameters ``(N, rows, *parameter
+shape)``, and ``alpha_init(lo, hi)`` gives CROWN's values ``(N, *parameter shape)`` (without it the parameter is a
+lower slope with CROWN's adaptive rule: the top of the interval when ``hi > -lo``, else the bottom).
+
+Defaults follow the paper's code: 20 iterations, learning rate 0.1, learning-rate decay 0.98 per step. By default
+the pre-activation bounds of intermediate layers are CROWN's (not re-optimised), which keeps the cost at one
+backward pass per step. With ``optimize_intermediate=True`` every intermediate layer that CROWN refines by
+back-substitution gets its own parameters too (per neuron of the relaxed layer and per row of that layer's
+specification, as in the paper); its bounds are recomputed at every step from those parameters, intersected with
+CROWN's, and the whole chain is optimised through the final objective. The returned intermediate bounds are the
+tightest seen at any step.
 
 With ``beta=True`` and ReLU splits, the split constraints ``s * x >= 0`` enter the final bound through Lagrange
 multipliers ``beta >= 0`` (one per split neuron and specification row) optimised jointly with the slopes: beta-CROWN,
@@ -22,6 +34,16 @@ Wang, Zhang, Xu, Lin, Jana, Hsieh, Kolter, "Beta-CROWN: Efficient Bound Propagat
 Constraints for Neural Network Robustness Verification", NeurIPS 2021. Any ``beta >= 0`` is sound; starting at 0
 (plain CROWN with splits) and keeping the best bound per row, the result is never looser than CROWN on the split
 domain. The multipliers act on the final bound only (intermediate bounds use the splits as interval constraints).
+
+Limitations. The sigmoid/tanh families are tangents only: where CROWN uses a chord (upper line on the convex side or
+when the chord lies above the function, the lower line symmetrically) it stays fixed, and mixed-case tangents are
+not searched beyond the box end. The tangent point through the far end is found by bisection again at every step (a
+few dozen element-wise passes per sigmoid/tanh layer); with ``optimize_intermediate`` the gradient reaches the
+intermediate bounds through the lines, and through that point only as the bisection computes it (not as the root it
+approximates). Sigmoid/tanh layers take part in ``optimize_intermediate`` like ReLUs, but all their neurons have
+bound-dependent relaxations, so each layer's rows cover all its neurons and the :data:`MAX_INTERMEDIATE_ALPHAS`
+budget (which counts parameter entries, two per sigmoid/tanh neuron) is reached sooner; layers beyond it keep
+CROWN's bounds. Branch and bound (:mod:`bastion.verify.bab`) optimises only ReLU slopes in its beta-CROWN step.
 """
 
 from __future__ import annotations
@@ -38,17 +60,28 @@ __all__ = ["alpha_crown_bounds"]
 Bounds = tuple[Tensor, Tensor]
 
 
-#: Most slope entries kept for the intermediate layers with ``optimize_intermediate``; layers beyond are left at
-#: CROWN's bounds (the slopes of a layer cost N x 2 x unstable neurons x size of every earlier activation).
+#: Most parameter entries kept for the intermediate layers with ``optimize_intermediate``; layers beyond are left at
+#: CROWN's bounds (a layer's cost N x 2 x unstable neurons x parameters of every earlier activation).
 MAX_INTERMEDIATE_ALPHAS = 2**22
 
 
-def _adaptive(net: Network, name: str, pre: dict[str, Bounds], rows: int) -> Tensor:
-    """CROWN's adaptive lower slopes of node ``name`` repeated for ``rows`` specification rows (a leaf to optimise)."""
+def _init(net: Network, name: str, pre: dict[str, Bounds]) -> Tensor:
+    """CROWN's relaxation parameters of node ``name``, per sample: ``(N, *parameter shape)``.
+
+    An operator with ``alpha_init(lo, hi)`` gives its own (sigmoid/tanh: tangent points); otherwise the parameter
+    is a lower slope in ``alpha_bounds()`` with CROWN's adaptive rule (the largest when ``hi > -lo``).
+    """
     op = net.nodes[name].op
     lo, hi = pre[name]
+    init_fn = getattr(op, "alpha_init", None)
+    if init_fn is not None:
+        return init_fn(lo, hi)
     a_min, a_max = op.alpha_bounds()  # type: ignore[attr-defined]
-    init = torch.where(hi > -lo, torch.full_like(lo, a_max), torch.full_like(lo, a_min))
+    return torch.where(hi > -lo, torch.full_like(lo, a_max), torch.full_like(lo, a_min))
+
+
+def _adaptive(init: Tensor, rows: int) -> Tensor:
+    """The per-sample parameters ``init`` repeated for ``rows`` specification rows (dim 1), a leaf to optimise."""
     return init.unsqueeze(1).expand(init.shape[0], rows, *init.shape[1:]).clone().requires_grad_(True)
 
 
@@ -58,7 +91,7 @@ def _intermediate_plan(
     intermediate: dict[str, Bounds] | None,
     reuse_intermediate: bool,
 ) -> list[tuple[str, str, Tensor, Tensor, dict[str, Tensor]]]:
-    """The intermediate layers to re-optimise: ``(node, source, idx, valid, slopes per earlier activation)``.
+    """The intermediate layers to re-optimise: ``(node, source, idx, valid, parameters per earlier activation)``.
 
     Exactly the layers CROWN back-substitutes (an affine producer with a relaxation below it), restricted to the
     neurons CROWN's bounds leave unstable.
@@ -81,11 +114,12 @@ def _intermediate_plan(
         idx, valid = select_rows(need)
         rows = 2 * idx.shape[1]
         with_alpha = [k for k in relaxed if getattr(net.nodes[k].op, "has_alpha", False)]
-        cost = sum(n * rows * pre[k][0][0].numel() for k in with_alpha)
+        inits = {k: _init(net, k, pre) for k in with_alpha}
+        cost = sum(rows * init.numel() for init in inits.values())
         if rows == 0 or not with_alpha or cost > budget:
             continue
         budget -= cost
-        plan.append((name, src, idx, valid, {k: _adaptive(net, k, pre, rows) for k in with_alpha}))
+        plan.append((name, src, idx, valid, {k: _adaptive(init, rows) for k, init in inits.items()}))
     return plan
 
 
@@ -97,7 +131,7 @@ def _refined(
     plan: list[tuple[str, str, Tensor, Tensor, dict[str, Tensor]]],
     splits: dict[str, Tensor] | None,
 ) -> dict[str, Bounds]:
-    """Intermediate bounds recomputed from the plan slopes layer by layer, intersected with ``pre`` (differentiable)."""
+    """Intermediate bounds from the plan parameters, layer by layer, intersected with ``pre`` (differentiable)."""
     cur = dict(pre)
     for name, src, idx, valid, alphas in plan:
         n, k = idx.shape
@@ -142,8 +176,8 @@ def alpha_crown_bounds(
         intermediate: known pre-activation bounds (intersected).
         reuse_intermediate: take the known bounds as they are.
         bound_upper: also compute (and optimise) upper bounds.
-        optimize_intermediate: also optimise the slopes behind the intermediate-layer bounds (see the module
-            docstring).
+        optimize_intermediate: also optimise the relaxation parameters behind the intermediate-layer bounds (see
+            the module docstring).
         beta: with ``splits``, also optimise beta-CROWN multipliers of the split constraints (module docstring).
 
     Returns:
@@ -159,7 +193,7 @@ def alpha_crown_bounds(
     alphas: dict[str, Tensor] = {}
     for name in net.nonlinear_nodes():
         if getattr(net.nodes[name].op, "has_alpha", False):
-            alphas[name] = _adaptive(net, name, pre, rows)
+            alphas[name] = _adaptive(_init(net, name, pre), rows)
     # beta-CROWN: a multiplier beta >= 0 per split neuron and specification row; the term -beta * s * x is <= 0 on
     # the split domain (s * x >= 0), so adding it keeps the bound sound for every beta >= 0.
     betas: dict[str, Tensor] = {}
@@ -175,7 +209,8 @@ def alpha_crown_bounds(
         return best_lo, best_hi, pre
     plan = _intermediate_plan(net, pre, intermediate, reuse_intermediate) if optimize_intermediate else []
     best_pre = dict(pre)
-    # One flat list of (slopes, valid range) for the optimiser: the final layer's, then each intermediate layer's.
+    # One flat list of (parameters, valid range) for the optimiser: the final layer's, then each intermediate
+    # layer's.
     params = [(a, net.nodes[name].op.alpha_bounds()) for name, a in alphas.items()]  # type: ignore[attr-defined]
     params += [(a, net.nodes[k].op.alpha_bounds()) for *_, layer in plan for k, a in layer.items()]  # type: ignore[attr-defined]
     params += [(b, (0.0, float("inf"))) for b in betas.values()]
@@ -209,7 +244,7 @@ def alpha_crown_bounds(
                     m1.mul_(beta1).add_(g, alpha=1 - beta1)
                     m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                     denom = (m2 / (1 - beta2**step)).sqrt_().add_(eps)
-                    # Ascent on the bound, then projection onto the valid slopes.
+                    # Ascent on the bound, then projection onto the valid parameters.
                     a.add_(step_lr * (m1 / (1 - beta1**step)) / denom).clamp_(*valid_range)
             step_lr *= lr_decay
     with torch.no_grad():
@@ -218,7 +253,7 @@ def alpha_crown_bounds(
             for name, *_ in plan:
                 lo_c, hi_c = cur[name]
                 best_pre[name] = (torch.maximum(best_pre[name][0], lo_c), torch.minimum(best_pre[name][1], hi_c))
-        # The tightest intermediate bounds seen (each valid, so their intersection is) with the final slopes.
+        # The tightest intermediate bounds seen (each valid, so their intersection is) with the final parameters.
         lagrange = {name: -b * signs[name] for name, b in betas.items()} if betas else None
         lo_b, hi_b = final_bounds(
             net, lower, upper, C, best_pre, alphas=alphas, bound_upper=bound_upper, lagrange=lagrange

@@ -27,7 +27,7 @@ Cost of the intermediate bounds, which dominate on conv nets, is kept down witho
 for the specification.
 
 The same machinery serves DeepPoly (``mode="deeppoly"``, see :mod:`bastion.verify.deeppoly`) and alpha-CROWN (which
-passes optimisable lower slopes ``alphas``, see :mod:`bastion.verify.alpha_crown`) and beta-CROWN (split
+passes optimisable relaxation parameters ``alphas``, see :mod:`bastion.verify.alpha_crown`) and beta-CROWN (split
 multipliers through ``lagrange``).
 """
 
@@ -78,7 +78,7 @@ def backsubstitute(
         lower: input box lower end ``(N, *input_shape)``.
         upper: input box upper end.
         pre: pre-activation bounds of every nonlinear ancestor of ``start``.
-        alphas: optional lower slopes per nonlinear node, ``(N, m, *in_shape)``.
+        alphas: optional relaxation parameters per nonlinear node, ``(N, m, *parameter shape)``.
         mode: relaxation rules, ``"crown"`` or ``"deeppoly"``.
         lagrange: per nonlinear node, coefficients ``(N, m, *in_shape)`` added to the linear function of its input
             when the pass reaches it: the Lagrangian terms of constraints on that input which hold on the domain
@@ -344,7 +344,8 @@ def onehot_lower(
     """Lower bounds of ``+x_idx`` and ``-x_idx`` for the neurons ``idx`` ``(N, k)`` of ``name``: ``(N, 2k)``.
 
     The first ``k`` columns bound the neurons from below, the last ``k`` are minus their upper bounds; rows where
-    ``valid`` is False are padding (zero coefficients). ``alphas`` are lower slopes shaped ``(N, 2k, *in_shape)``.
+    ``valid`` is False are padding (zero coefficients). ``alphas`` are relaxation parameters shaped
+    ``(N, 2k, *parameter shape)``.
     """
     n, k = idx.shape
     node = net.nodes[name]

@@ -443,7 +443,8 @@ class NonlinearBoundOp(BoundOp):
     """An operator bounded through a linear relaxation on its (single) input's box."""
 
     nonlinear = True
-    #: True when the lower relaxation has a free slope that alpha-CROWN may optimise.
+    #: True when the relaxation has free parameters that alpha-CROWN may optimise (ReLU's lower slope, the tangent
+    #: points of sigmoid/tanh), valid in ``alpha_bounds()``; ``alpha_init(lo, hi)``, when defined, gives CROWN's.
     has_alpha: bool = False
 
     def bound_mask(self, lo: Tensor, hi: Tensor) -> Tensor:
@@ -462,7 +463,7 @@ class NonlinearBoundOp(BoundOp):
             A: ``(N, m, *out_shape)`` coefficients on the output.
             lo: ``(N, *in_shape)`` lower bounds of the input.
             hi: ``(N, *in_shape)`` upper bounds of the input.
-            alpha: free lower slopes ``(N, m, *in_shape)`` (alpha-CROWN), or None for the default choice.
+            alpha: free relaxation parameters ``(N, m, *parameter shape)`` (alpha-CROWN), or None for CROWN's.
             mode: ``"crown"`` or ``"deeppoly"`` relaxation rules.
 
         Returns:
@@ -493,7 +494,8 @@ class ElementwiseOp(NonlinearBoundOp):
         Args:
             lo: lower bounds ``(N, *shape)``.
             hi: upper bounds ``(N, *shape)``.
-            alpha: free lower slopes (only used by operators with ``has_alpha``), shaped ``(N, m, *shape)``; the
+            alpha: free relaxation parameters (only used by operators with ``has_alpha``), ``(N, m, *parameter
+                shape)``; the
                 returned ``lw``/``lb`` then carry the ``m`` dimension.
             mode: ``"crown"`` (Zhang et al. 2018) or ``"deeppoly"`` (Singh et al. 2019).
 
@@ -616,45 +618,93 @@ class ReLUOp(LeakyReLUOp):
         return "ReLUOp"
 
 
+def _tangent_points(
+    f_df: Callable[[Tensor], tuple[Tensor, Tensor]], lo: Tensor, cap: Tensor, iters: int = 30
+) -> Tensor:
+    """For an S-shaped ``f`` (concave on x>=0), a point ``d in [0, cap]`` whose tangent lies above ``(lo, f(lo))``.
+
+    ``h(d) = T_d(lo) - f(lo)`` grows with ``d >= 0`` when ``lo <= d``, so bisection finds the root; the end kept is
+    the one where ``h >= 0`` was checked (``cap`` itself when no point of ``[0, cap]`` qualifies). ``f_df(x)``
+    returns ``(f(x), f'(x))``; adding a constant to ``f`` changes nothing.
+    """
+    flo = f_df(lo)[0]
+    d_lo = torch.zeros_like(lo)
+    d_hi = cap
+    for _ in range(iters):
+        d = (d_lo + d_hi) / 2
+        fd, dfd = f_df(d)
+        ok = fd + dfd * (lo - d) >= flo
+        d_hi = torch.where(ok, d, d_hi)
+        d_lo = torch.where(ok, d_lo, d)
+    return d_hi
+
+
 def _s_upper(
-    f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor], lo: Tensor, hi: Tensor, iters: int = 30
+    f: Callable[[Tensor], Tensor],
+    df: Callable[[Tensor], Tensor],
+    lo: Tensor,
+    hi: Tensor,
+    d0: Tensor,
+    t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Upper line ``(w, b)`` of an S-shaped ``f`` (convex on x<=0, concave on x>=0) over ``[lo, hi]``.
 
     CROWN's rule: chord when the box is in the convex part or when the chord is above ``f`` (``f'(hi) >= chord
-    slope``); tangent at the midpoint in the concave part; otherwise the tangent at ``d in [0, hi]`` that passes
-    through ``(lo, f(lo))``, found by bisection keeping the end that is provably above ``f(lo)``.
+    slope``); tangent at the midpoint in the concave part; otherwise the tangent at ``d0 in [0, hi]`` that passes
+    through ``(lo, f(lo))`` (:func:`_tangent_points` with ``cap = max(hi, 0)``).
+
+    With ``t`` (``(N, m, *shape)``, values in ``[0, 1]``) the tangent point is free, as in alpha-CROWN's sigmoid and
+    tanh relaxations: ``d = lo + t (hi - lo)`` in the concave part (every tangent there lies above the concave
+    ``f``), and ``d = d0 + t (hi - d0)`` in the mixed case. There every such tangent is valid: on ``[0, hi]`` by
+    concavity; on ``[lo, 0]`` the gap ``T_d - f`` is concave (a line minus a convex function), so it is smallest at
+    ``lo`` or ``0``, and ``T_d(lo) - f(lo)`` grows with ``d`` from ``d0``, where it is ``>= 0``. ``t = 1/2``
+    (concave) and ``t = 0`` (mixed) reproduce CROWN's lines; the chord cases have no parameter. The returned line
+    then has the ``m`` dimension.
     """
     width = hi - lo
     degenerate = width <= 1e-12
     flo, fhi = f(lo), f(hi)
     k = torch.where(degenerate, df(lo), (fhi - flo) / torch.where(degenerate, torch.ones_like(width), width))
     chord_b = flo - k * lo
-    mid = (lo + hi) / 2
-    tan_w = df(mid)
-    tan_b = f(mid) - tan_w * mid
-    # Bisection on d in [0, hi] for the tangent through (lo, f(lo)); h(d) = T_d(lo) - f(lo) increases with d.
-    d_lo = torch.zeros_like(lo)
-    d_hi = hi.clamp(min=0)
-    for _ in range(iters):
-        d = (d_lo + d_hi) / 2
-        ok = f(d) + df(d) * (lo - d) >= flo
-        d_hi = torch.where(ok, d, d_hi)
-        d_lo = torch.where(ok, d_lo, d)
-    thr_w = df(d_hi)
-    thr_b = f(d_hi) - thr_w * d_hi
     use_chord = (hi <= 0) | degenerate | ((lo < 0) & (df(hi) >= k))
     use_tangent = (lo >= 0) & ~degenerate
-    w = torch.where(use_chord, k, torch.where(use_tangent, tan_w, thr_w))
-    b = torch.where(use_chord, chord_b, torch.where(use_tangent, tan_b, thr_b))
-    return w, b
+    if t is None:
+        mid = (lo + hi) / 2
+        tan_w, thr_w = df(mid), df(d0)
+        tan_b, thr_b = f(mid) - tan_w * mid, f(d0) - thr_w * d0
+        w = torch.where(use_chord, k, torch.where(use_tangent, tan_w, thr_w))
+        b = torch.where(use_chord, chord_b, torch.where(use_tangent, tan_b, thr_b))
+        return w, b
+    start = torch.where(use_tangent, lo, d0).unsqueeze(1)
+    d = start + t.clamp(0.0, 1.0) * (hi.unsqueeze(1) - start)
+    tan_w = df(d)
+    tan_b = f(d) - tan_w * d
+    chord = use_chord.unsqueeze(1)
+    return torch.where(chord, k.unsqueeze(1), tan_w), torch.where(chord, chord_b.unsqueeze(1), tan_b)
+
+
+def _s_init(lo: Tensor, hi: Tensor) -> Tensor:
+    """The tangent parameter ``t`` of :func:`_s_upper` that gives CROWN's upper line on ``[lo, hi]``."""
+    return torch.where(lo >= 0, torch.full_like(lo, 0.5), torch.zeros_like(lo))
 
 
 class _SShapedOp(ElementwiseOp):
-    """Sigmoid-like activation: odd-symmetric up to a shift, convex on x<=0, concave on x>=0."""
+    """Sigmoid-like activation: odd-symmetric up to a shift, convex on x<=0, concave on x>=0.
+
+    Optimisable by alpha-CROWN (``has_alpha``): ``alpha`` ``(N, m, 2, *shape)`` holds, per specification row and
+    neuron, the tangent parameters ``t in [0, 1]`` (:meth:`alpha_bounds`) of the lower line (index 0) and of the
+    upper line (index 1), see :func:`_s_upper`. Every value in the range gives a sound relaxation, and
+    :meth:`alpha_init` gives CROWN's. The DeepPoly rule has no parameter.
+    """
+
+    has_alpha = True
 
     def df(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def f_df(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f(x), f'(x))`` (subclasses share the work where they can)."""
+        return self.fn(x), self.df(x)
 
     def reflected(self, y: Tensor) -> Tensor:
         """``-f(-y)``, the function whose upper line gives ``f``'s lower line."""
@@ -665,10 +715,22 @@ class _SShapedOp(ElementwiseOp):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if mode == "deeppoly":
             return self._relax_deeppoly(lo, hi)
-        uw, ub = _s_upper(self.fn, self.df, lo, hi)
+        # The tangent points of both lines in one bisection: -f(-y) is f(y) up to a constant, which the tangent test
+        # ignores, and the lower line of f on [lo, hi] is the upper line of -f(-y) on [-hi, -lo].
+        d0 = _tangent_points(self.f_df, torch.stack([lo, -hi]), torch.stack([hi, -lo]).clamp(min=0))
+        t_lo, t_up = (None, None) if alpha is None else (alpha[:, :, 0], alpha[:, :, 1])
+        uw, ub = _s_upper(self.fn, self.df, lo, hi, d0[0], t_up)
         # f(x) >= -(w * (-x) + b) = w * x - b when w * y + b is an upper line of -f(-y) on [-hi, -lo].
-        w, b = _s_upper(self.reflected, self.df, -hi, -lo)
+        w, b = _s_upper(self.reflected, self.df, -hi, -lo, d0[1], t_lo)
         return w, -b, uw, ub
+
+    def alpha_init(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """CROWN's tangent parameters ``(N, 2, *shape)`` (lower, upper) on the input box ``[lo, hi]``."""
+        return torch.stack([_s_init(-hi, -lo), _s_init(lo, hi)], 1)
+
+    def alpha_bounds(self) -> tuple[float, float]:
+        """The range of the tangent parameters (every value gives a sound line)."""
+        return 0.0, 1.0
 
     def _relax_deeppoly(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Singh et al. 2019, Sec. 4 (sigmoid/tanh transformer): chord slope on the convex/concave side, otherwise
@@ -686,7 +748,10 @@ class _SShapedOp(ElementwiseOp):
 
 
 class SigmoidOp(_SShapedOp):
-    """Logistic sigmoid with the CROWN (Zhang et al. 2018) or DeepPoly (Singh et al. 2019) relaxation."""
+    """Logistic sigmoid with the CROWN (Zhang et al. 2018) or DeepPoly (Singh et al. 2019) relaxation.
+
+    The CROWN lines have free tangent points that alpha-CROWN optimises (:class:`_SShapedOp`, :func:`_s_upper`).
+    """
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.sigmoid(x)
@@ -695,18 +760,29 @@ class SigmoidOp(_SShapedOp):
         s = torch.sigmoid(x)
         return s * (1 - s)
 
+    def f_df(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = torch.sigmoid(x)
+        return s, s * (1 - s)
+
     def reflected(self, y: Tensor) -> Tensor:
         return torch.sigmoid(y) - 1
 
 
 class TanhOp(_SShapedOp):
-    """Hyperbolic tangent with the CROWN (Zhang et al. 2018) or DeepPoly (Singh et al. 2019) relaxation."""
+    """Hyperbolic tangent with the CROWN (Zhang et al. 2018) or DeepPoly (Singh et al. 2019) relaxation.
+
+    The CROWN lines have free tangent points that alpha-CROWN optimises (:class:`_SShapedOp`, :func:`_s_upper`).
+    """
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.tanh(x)
 
     def df(self, x: Tensor) -> Tensor:
         return 1 - torch.tanh(x) ** 2
+
+    def f_df(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.tanh(x)
+        return t, 1 - t**2
 
     def reflected(self, y: Tensor) -> Tensor:
         return torch.tanh(y)

@@ -4,7 +4,7 @@ The model is the zoo ``cnn`` trained by ``common.py`` on the first 8,000 MNIST t
 defence); it is evaluated on the last 2,000. Three evaluations with the same seed:
 
 * FGSM alone (Goodfellow et al. 2015, one step of eps);
-* PGD alone with bastion's defaults (40 steps of eps/30, random start, 1 restart, early stop);
+* PGD alone with bastion's defaults (40 steps of 2.5·eps/40, random start, 1 restart, early stop);
 * the cascade FGSM → PGD (PGD only on the samples FGSM did not break): the worst case of the two.
 
 Run from the repository root::

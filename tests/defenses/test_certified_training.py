@@ -133,9 +133,6 @@ def test_paper_default_schedules() -> None:
     for bad in ((10, 10), (-1, 10), (0, 0)):
         with pytest.raises(InputError, match="total_steps"):
             ramp_position(*bad, 0.1, 0.1)
-    # the per-epoch fallback (for a caller with only epoch_start) is the per-step ramp at the middle of the epoch
-    crown.epoch_start(1, 10)
-    assert crown.position == pytest.approx((0.15 - 0.05) / 0.25)
     crown.step_start(150, 1000)
     assert crown.position == pytest.approx((0.15 - 0.05) / 0.25)
 
@@ -333,7 +330,7 @@ def test_registry_and_bad_input() -> None:
     warm = IBPTraining(THREAT, warmup=0.5, ramp=0.5)
     warm.step_start(4, 10)
     assert warm.eps == 0.0 and warm.kappa == 1.0
-    with pytest.raises(InputError, match="epoch"):
-        warm.epoch_start(10, 10)
+    with pytest.raises(InputError, match="total_steps"):
+        warm.step_start(10, 10)
     bn.eval()
     torch.testing.assert_close(warm(bn, x, y), F.cross_entropy(bn(x), y))

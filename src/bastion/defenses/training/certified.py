@@ -29,11 +29,9 @@ of every point of the ball (Wong & Kolter 2018). The training loss mixes it with
 Schedules are per optimiser step, as in both papers' code: the trainer calls ``step_start(step, total_steps)`` before
 every step (:mod:`~bastion.defenses.training.trainer`; the step counter is checkpointed, so a resumed run follows the
 same schedule), and :func:`ramp_position` gives ``r = clip((step / total_steps - warmup) / ramp, 0, 1)``; then
-``ε = r · ε_target``, ``κ = κ_start + r (κ_end - κ_start)``, ``β = β_start + r (β_end - β_start)``. A caller that
-only has the per-epoch hook ``epoch_start(epoch, epochs)`` (a wrapper that forwards just that one) gets the per-step
-ramp at the middle of the epoch. Used outside a trainer that calls a hook (e.g.
-:func:`~bastion.defenses.training.train`), an objective trains at the end of its schedule (full ε, ``κ_end``,
-``β_end``).
+``ε = r · ε_target``, ``κ = κ_start + r (κ_end - κ_start)``, ``β = β_start + r (β_end - β_start)``. Used outside a
+trainer that calls the hook (e.g. :func:`~bastion.defenses.training.train`), an objective trains at the end of its
+schedule (full ε, ``κ_end``, ``β_end``).
 
 Known collapse. With ``κ_end = 0`` the loss at the end of the ramp is the certified loss alone. When the bounds are
 loose (ε grows faster than the network can tighten them) its minimiser is the constant classifier: all margins 0,
@@ -101,10 +99,7 @@ def ramp_position(step: int, total_steps: int, warmup: float, ramp: float) -> fl
         raise InputError(
             f"step must lie in [0, total_steps) with total_steps >= 1, got step={step!r}, total_steps={total_steps!r}"
         )
-    return _ramp(step / total_steps, _fraction("warmup", warmup), _fraction("ramp", ramp))
-
-
-def _ramp(t: float, warmup: float, ramp: float) -> float:
+    t, warmup, ramp = step / total_steps, _fraction("warmup", warmup), _fraction("ramp", ramp)
     if ramp <= 0:
         return 1.0 if t >= warmup else 0.0
     return min(1.0, max(0.0, (t - warmup) / ramp))
@@ -177,16 +172,6 @@ class _CertifiedObjective:
             self._checked_total = total_steps
             self._check_schedule(total_steps)
         self._apply(ramp_position(step, total_steps, self.warmup, self.ramp))
-
-    def epoch_start(self, epoch: int, epochs: int) -> None:
-        """Per-epoch fallback for callers without the step hook: the per-step ramp at the middle of the epoch.
-
-        The trainer calls :meth:`step_start` before every step as well, which overrides this.
-        """
-        epoch, epochs = int(epoch), int(epochs)
-        if epochs < 1 or not 0 <= epoch < epochs:
-            raise InputError(f"epoch must lie in [0, epochs) with epochs >= 1, got epoch={epoch!r}, epochs={epochs!r}")
-        self._apply(_ramp((epoch + 0.5) / epochs, self.warmup, self.ramp))
 
     def _check_schedule(self, total_steps: int) -> None:
         """Warn about a schedule known to collapse to a constant classifier (module docstring)."""

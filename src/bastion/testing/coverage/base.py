@@ -37,6 +37,7 @@ __all__ = [
     "CoverageMetric",
     "CoverageReport",
     "LayerProbe",
+    "NeuronTarget",
     "default_layers",
     "neuron_values",
     "resolve_layers",
@@ -233,6 +234,24 @@ class CoverageReport:
         )
 
 
+@dataclass(frozen=True)
+class NeuronTarget:
+    """A requirement on one neuron's value, ``lower < value <= upper`` (or ``<`` / ``>=`` as ``strict`` says).
+
+    What a concolic generator solves for: the criteria whose items are conditions on single neurons (NC, KMNC,
+    NBC, SNAC) state each uncovered item this way (:meth:`CoverageMetric.target`).
+
+    Attributes:
+        layer: the layer's name; ``neuron`` the neuron's flat index in :func:`neuron_values` order.
+        lower, upper: the bounds (``-inf`` / ``inf`` for none).
+    """
+
+    layer: str
+    neuron: int
+    lower: float
+    upper: float
+
+
 class CoverageMetric:
     """Base class of the coverage criteria: streaming state, merge, save/resume and the report.
 
@@ -356,6 +375,14 @@ class CoverageMetric:
             order = index.argsort()
             credit.index_add_(0, order[pos], torch.ones_like(winners))
         return credit
+
+    def target(self, layer: str, item: int) -> NeuronTarget:
+        """The requirement of an item as a condition on one neuron's value (for concolic testing).
+
+        Raises:
+            InputError: the criterion's items are not conditions on single neurons (pairs, patterns).
+        """
+        raise InputError(f"the {self.name} criterion has no per-neuron requirements to solve for")
 
     # -- state ---------------------------------------------------------------------------------------------------
     def report(self) -> CoverageReport:

@@ -16,12 +16,13 @@ relative to the other neurons of its layer on the same input, not in absolute te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor
 
 from bastion.errors import InputError
-from bastion.testing.coverage.base import CoverageMetric
+from bastion.testing.coverage.base import CoverageMetric, NeuronTarget
 
 __all__ = ["NeuronCoverage"]
 
@@ -75,3 +76,9 @@ class NeuronCoverage(CoverageMetric):
 
     def satisfied(self, layer: str, values: Tensor) -> Tensor:
         return self.activation(values) > self.threshold
+
+    def target(self, layer: str, item: int) -> NeuronTarget:
+        """Neuron ``item`` above the threshold (raw convention only: the scaled value depends on the whole layer)."""
+        if self.convention != "raw":
+            raise InputError("concolic targets need the raw convention of neuron coverage (convention='raw')")
+        return NeuronTarget(layer, int(item), self.threshold, math.inf)

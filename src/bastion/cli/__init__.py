@@ -5,7 +5,7 @@ Every command parses its arguments, makes one call of the API, shows progress an
 
 One module per command group, each registering its commands with ``add_parsers(sub, fmt)``: :mod:`.evaluate`
 (demo, evaluate, runs, attacks), :mod:`.smooth`, :mod:`.train` and :mod:`.verify` (certify, assess, vnncomp);
-:mod:`.common` holds what they share.
+:mod:`.testing` (test coverage, test generate); :mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from bastion.cli import evaluate, smooth, train, verify
+from bastion.cli import evaluate, smooth, testing, train, verify
 from bastion.cli.evaluate import demo_model
 from bastion.errors import BastionError
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    for group in (evaluate, smooth, train, verify):
+    for group in (evaluate, smooth, train, verify, testing):
         group.add_parsers(sub, fmt)
     return parser
 

@@ -120,3 +120,42 @@ def plot_certified_accuracy(
     finally:
         plt.close(fig)
     return out
+
+
+def plot_coverage_history(
+    history: Sequence[Sequence[float]], path: str | Path, *, label: str = "coverage", title: str | None = None
+) -> Path:
+    """Plot coverage against generation iterations (``history`` rows: ``(iteration, queries, ratio)``).
+
+    Args:
+        history: a :class:`~bastion.testing.generate.TestSuiteResult`'s ``history``.
+        path: where to write the figure (the format follows the suffix).
+        label: the curve's legend (e.g. the criterion's name).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise InputError("the coverage history is empty: the generation ran no iteration")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h[0] for h in history], [100 * h[2] for h in history], marker=".", label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("coverage (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Coverage during test generation")
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return out

@@ -11,7 +11,9 @@ the tests kept so far; the loop of :func:`run_generator`
    writes one :class:`~bastion.results.SampleRecord` per kept test to the store and, every iteration, a checkpoint
    (tests, coverage state, generator state, random state) from which a killed run resumes without repeating or
    losing a test;
-4. stops at the first budget reached: iterations, model queries or seconds.
+4. stops at the first budget reached: iterations, model queries or seconds. The queries are those of the
+   generation (the generator's own and the loop's re-executions); the one pass that measures the seeds' coverage
+   is not part of the budget.
 
 Records: ``index`` is the test's number in the suite, ``label`` its seed's label, ``clean_pred`` the model's
 prediction on the test, ``status`` ``"falsified"`` for an adversarial test (``adv_distance`` its distance to the

@@ -54,3 +54,35 @@ def test_coverage_bad_input_is_one_line(
                       "--limit", "8", *extra)  # fmt: skip
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+def test_generate_writes_tests_store_plot_and_resumes(
+    capsys: pytest.CaptureFixture[str], digits_mlp_path: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from bastion.store import Store
+
+    out, db, png = tmp_path / "tests.npz", tmp_path / "runs.db", tmp_path / "cov.png"
+    argv = ["test", "generate", "--model", os.fspath(digits_mlp_path), "--data", "digits", "--limit", "20",
+            "--method", "fuzz", "--criterion", "kmnc", "--param", "k=10", "--profile", "digits", "--eps", "0.2",
+            "--budget", "4", "--out", os.fspath(out), "--store", os.fspath(db), "--plot", os.fspath(png),
+            "--json"]  # fmt: skip
+    rc, text, err = _run(capsys, *argv)
+    assert rc == 0, err
+    got = json.loads(text)
+    assert got["iterations"] == 4 and got["coverage"] > got["seed_coverage"] and png.stat().st_size > 0
+    arrays = np.load(out)
+    assert (
+        arrays["x"].shape[0] == got["tests"]
+        and np.abs(arrays["x"] - load_digits().x[:20].numpy()[arrays["origin"]]).max() <= 0.2 + 1e-6
+    )
+    with Store(db) as store:
+        (run,) = store.runs()
+        assert len(store.records(run.id)) == got["tests"]
+    # the same command again: the checkpoint says the budget is spent, nothing new is generated
+    rc, again, _ = _run(capsys, *argv)
+    assert rc == 0 and json.loads(again)["tests"] == got["tests"] and json.loads(again)["run_id"] == got["run_id"]
+    bad = [a if a != "fuzz" else "magic" for a in argv]
+    rc, _, err = _run(capsys, *bad)
+    assert rc == 2 and "unknown test generation method 'magic'" in err and "Traceback" not in err

@@ -89,7 +89,7 @@ def test_default_layers_and_bad_input() -> None:
     net = _net()
     assert default_layers(net) == ["1"]
     assert default_layers(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))) == ["0"]  # no activation modules
-    with pytest.raises(InputError, match="unknown coverage metric 'nx'.*nc"):
+    with pytest.raises(InputError, match=r"unknown coverage metric 'nx'.*nc"):
         coverage(net, X, "nx", progress=False)
     with pytest.raises(InputError, match=r"unknown layer name\(s\) 'fc'.*0, 1, 2"):
         coverage(net, X, "nc", layers=["fc"], progress=False)

@@ -106,7 +106,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--eps", type=parse_eps, default=[0.3], help="radius of the threat model (default: 0.3)")
     p.add_argument("--norm", default="linf", help="linf, l2 or l1 (default: %(default)s)")
     p.add_argument("--data", required=True, help="training data spec (as for `bastion evaluate`)")
-    p.add_argument("--arch", default="cnn", choices=["mlp", "cnn", "resnet"], help="zoo architecture")
+    p.add_argument("--arch", default="cnn", choices=["mlp", "cnn", "resnet", "lstm"], help="zoo architecture")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])

@@ -1,6 +1,7 @@
 """Data sets: the :class:`Dataset` container, its validation, and loaders for common formats.
 
-Built in: scikit-learn's 8x8 digits (:func:`load_digits`). From the user's files: MNIST IDX
+Built in: scikit-learn's 8x8 digits (:func:`load_digits`), also as sequences of 8 rows
+(:func:`load_digits_sequences`, spec ``"digits-seq"``). From the user's files: MNIST IDX
 (:func:`load_mnist`), CIFAR-10 binary batches (:func:`load_cifar10`), ``.npz`` / ``.npy`` arrays and numeric
 CSV. :func:`load_data` picks the loader from a short spec such as ``"mnist:~/data/mnist:train"``. Nothing is
 ever downloaded.
@@ -14,6 +15,7 @@ from bastion.data.loaders import (
     load_csv,
     load_data,
     load_digits,
+    load_digits_sequences,
     load_mnist,
     load_npy,
     load_npz,
@@ -26,6 +28,7 @@ __all__ = [
     "load_csv",
     "load_data",
     "load_digits",
+    "load_digits_sequences",
     "load_mnist",
     "load_npy",
     "load_npz",

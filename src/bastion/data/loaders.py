@@ -29,6 +29,7 @@ __all__ = [
     "load_csv",
     "load_data",
     "load_digits",
+    "load_digits_sequences",
     "load_mnist",
     "load_npy",
     "load_npz",
@@ -142,6 +143,21 @@ def load_digits() -> Dataset:
     images = (pixels.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     x, y, k = validate_arrays(images, target, num_classes=10, source="digits")
     return Dataset._trusted(x, y, k, "digits", (0.0, 1.0))
+
+
+def load_digits_sequences() -> Dataset:
+    """The bundled digits as sequences: each 8x8 image is 8 time steps (its rows) of 8 features (the row's pixels).
+
+    The same samples, labels and order as :func:`load_digits`, reshaped from (N, 1, 8, 8) to (N, T, F) = (N, 8, 8)
+    for recurrent models (testRNN reads MNIST the same way: 28 steps of 28 pixels). The zoo's ``lstm`` accepts both
+    shapes; this one is for models (and threat models or mutations) that expect ``(N, T, F)`` sequences.
+
+    Returns:
+        A :class:`Dataset` named ``"digits-seq"`` with x of shape (1797, 8, 8) in [0, 1].
+    """
+    images = load_digits()
+    return Dataset._trusted(images.x.reshape(-1, 8, 8).contiguous(), images.y, images.num_classes, "digits-seq",
+                            images.domain)  # fmt: skip
 
 
 def _bundled_digits_table() -> np.ndarray | None:
@@ -483,7 +499,7 @@ def load_csv(path: PathLike, *, num_classes: int | None = None) -> Dataset:
 
 _SPEC_FORMS = (
     "'digits', 'mnist:DIR' or 'mnist:DIR:train', 'cifar10:DIR' or 'cifar10:DIR:train', "
-    "'FILE.npz', 'FILE.csv', 'X.npy,Y.npy'"
+    "'FILE.npz', 'FILE.csv', 'X.npy,Y.npy', 'digits-seq' (the digits as 8 steps of 8 features)"
 )
 
 
@@ -498,8 +514,9 @@ def load_data(spec: str) -> Dataset:
     """Load a data set from a short textual description, as the command line does.
 
     Args:
-        spec: one of ``digits``; ``mnist:DIR`` (test split) or ``mnist:DIR:train``; ``cifar10:DIR`` or
-            ``cifar10:DIR:train``; a path ending in ``.npz`` or ``.csv``; ``X.npy,Y.npy``.
+        spec: one of ``digits``; ``digits-seq`` (:func:`load_digits_sequences`); ``mnist:DIR`` (test split) or
+            ``mnist:DIR:train``; ``cifar10:DIR`` or ``cifar10:DIR:train``; a path ending in ``.npz`` or ``.csv``;
+            ``X.npy,Y.npy``.
 
     Returns:
         The loaded :class:`Dataset`.
@@ -510,6 +527,8 @@ def load_data(spec: str) -> Dataset:
     lower = s.lower()
     if lower == "digits":
         return load_digits()
+    if lower in ("digits-seq", "digits_seq"):
+        return load_digits_sequences()
     for prefix, loader in (("mnist:", load_mnist), ("cifar10:", load_cifar10)):
         if lower.startswith(prefix):
             directory, split = _dir_and_split(s[len(prefix) :])

@@ -2,8 +2,10 @@
 
 Every factory has the signature ``f(input_shape, num_classes, *, mean=0.0, std=1.0, **arch_kwargs)`` and
 returns an ``nn.Sequential`` whose first layer is :class:`~bastion.models.normalize.Normalize`, so that inputs
-stay in ``[0, 1]``. Only operators that the verifiers support are used: Linear, Conv2d, ReLU, Flatten,
-BatchNorm2d, MaxPool2d, AdaptiveAvgPool2d and the residual addition of :class:`BasicBlock`.
+stay in ``[0, 1]``. The feed-forward architectures use only operators that the verifiers support: Linear, Conv2d,
+ReLU, Flatten, BatchNorm2d, MaxPool2d, AdaptiveAvgPool2d and the residual addition of :class:`BasicBlock`. The
+recurrent :func:`lstm` (an ``nn.LSTM`` or ``nn.GRU`` over the rows of an image, or over a sequence) is there for
+coverage-guided testing of recurrent networks (:mod:`bastion.testing.coverage.rnn`), not for the verifiers.
 
 Each model built here remembers how it was built in the attribute ``bastion_spec`` (``{"arch": ..., "config":
 ...}``), which :func:`bastion.models.io.save_model` uses when no explicit ``arch``/``config`` is given.
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from bastion.errors import ModelError
 from bastion.models.normalize import Normalize
 
-__all__ = ["ZOO", "BasicBlock", "build_model", "cnn", "mlp", "resnet"]
+__all__ = ["ZOO", "BasicBlock", "LastStep", "Rows", "build_model", "cnn", "lstm", "mlp", "resnet"]
 
 MeanStd = float | Sequence[float]
 
@@ -308,7 +310,108 @@ def resnet(
     return model
 
 
-ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+class Rows(nn.Module):
+    """An image batch ``(N, C, H, W)`` as a sequence batch ``(N, H, C * W)``: the rows are the time steps.
+
+    The features of a step are the row's pixels, channel after channel. With one channel, ``(N, H, W)`` and
+    ``(N, 1, H, W)`` are both accepted; a sequence model (``channels=None``) takes ``(N, T, F)`` (or ``(N, 1, T, F)``,
+    as :func:`~bastion.data.load_npz` shapes 3-D arrays) unchanged. No branch on the input's rank, so the model stays
+    traceable by ``torch.fx``.
+
+    Args:
+        steps: rows ``H`` (or time steps ``T``).
+        features: features per step, ``C * W`` (or ``F``).
+        channels: the image's channels ``C``; None for sequence inputs.
+    """
+
+    def __init__(self, steps: int, features: int, channels: int | None = None) -> None:
+        super().__init__()
+        self.steps, self.features, self.channels = steps, features, channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels is not None and self.channels > 1:
+            return x.permute(0, 2, 1, 3).flatten(2)
+        return x.reshape(x.shape[0], self.steps, self.features)
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}, features={self.features}, channels={self.channels}"
+
+
+class LastStep(nn.Module):
+    """The output of a batch-first ``nn.LSTM``/``nn.GRU`` at the last time step: ``output[:, -1]`` of its tuple."""
+
+    def forward(self, out: tuple[Tensor, Any]) -> Tensor:
+        return out[0][:, -1]
+
+
+RECURRENT_CELLS: dict[str, type[nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def lstm(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    mean: MeanStd = 0.0,
+    std: MeanStd = 1.0,
+    hidden: int = 64,
+    num_layers: int = 1,
+    cell: str = "lstm",
+) -> nn.Sequential:
+    """Recurrent classifier: an LSTM (or GRU) over the time steps, its last hidden state into a linear layer.
+
+    An image ``(C, H, W)`` is read row by row (:class:`Rows`: ``H`` steps of ``C * W`` features), so the 8x8 digits
+    are 8 steps of 8 features, as testRNN reads MNIST (28 steps of 28 pixels; Huang et al., "Coverage-Guided Testing
+    for Recurrent Neural Networks", IEEE Trans. Reliability 2021). A sequence ``(T, F)`` is read as it is
+    (:func:`~bastion.data.load_digits_sequences`).
+
+    Args:
+        input_shape: ``(T, F)`` for sequences or ``(C, H, W)`` for images.
+        num_classes: number of output logits.
+        mean: normalisation mean: one value, or one per channel of an image input.
+        std: normalisation standard deviation: one value, or one per channel of an image input.
+        hidden: units of the recurrent layer(s).
+        num_layers: stacked recurrent layers.
+        cell: ``"lstm"`` (``nn.LSTM``) or ``"gru"`` (``nn.GRU``).
+
+    Returns:
+        ``Sequential(Normalize, Rows, LSTM | GRU (batch_first), LastStep, Linear)``.
+    """
+    dims = _check_input_shape(input_shape, "lstm", image=False)
+    if len(dims) not in (2, 3):
+        raise ModelError(f"lstm: input_shape must be (T, F) for sequences or (C, H, W) for images, got {dims}")
+    k = _check_num_classes(num_classes, "lstm")
+    width = _positive_int(hidden, "hidden", "lstm")
+    depth = _positive_int(num_layers, "num_layers", "lstm")
+    if cell not in RECURRENT_CELLS:
+        raise ModelError(f"lstm: cell must be one of {', '.join(RECURRENT_CELLS)}, got {cell!r}")
+    if len(dims) == 3:
+        c, h, w = dims
+        norm, rows = _normalize_layer(mean, std, c, "lstm"), Rows(h, c * w, c)
+        features = c * w
+    else:
+        norm = Normalize(mean, std)
+        if norm.channels != 1:
+            raise ModelError(
+                f"lstm: a sequence input {dims} takes one normalisation mean and std, got {norm.channels} values "
+                "(per-feature statistics would need the feature axis first); normalise the data beforehand"
+            )
+        rows, features = Rows(dims[0], dims[1]), dims[1]
+    rnn = RECURRENT_CELLS[cell](features, width, num_layers=depth, batch_first=True)
+    model = nn.Sequential(norm, rows, rnn, LastStep(), nn.Linear(width, k))
+    config = {
+        "input_shape": list(dims),
+        "num_classes": k,
+        "mean": _jsonable(mean),
+        "std": _jsonable(std),
+        "hidden": width,
+        "num_layers": depth,
+        "cell": cell,
+    }
+    _remember(model, "lstm", config)
+    return model
+
+
+ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "lstm": lstm}
 """Registry of architecture factories by name; add an entry to make a new architecture loadable by name."""
 
 
@@ -316,7 +419,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     """Build a zoo architecture by name.
 
     Args:
-        name: a key of :data:`ZOO` (``"mlp"``, ``"cnn"``, ``"resnet"``).
+        name: a key of :data:`ZOO` (``"mlp"``, ``"cnn"``, ``"resnet"``, ``"lstm"``).
         input_shape: shape of one input without the batch dimension.
         num_classes: number of output logits.
         **kwargs: ``mean``, ``std`` and the architecture's own keyword arguments.

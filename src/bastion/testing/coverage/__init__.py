@@ -27,14 +27,45 @@ from bastion.testing.coverage.base import (
     neuron_values,
     resolve_layers,
 )
+from bastion.testing.coverage.deepgauge import (
+    KMultisectionCoverage,
+    NeuronBoundaryCoverage,
+    StrongNeuronActivationCoverage,
+    TopKNeuronCoverage,
+    TopKNeuronPatterns,
+)
+from bastion.testing.coverage.mcdc import (
+    MCDCCoverage,
+    SignSignCoverage,
+    SignValueCoverage,
+    ValueSignCoverage,
+    ValueValueCoverage,
+)
 from bastion.testing.coverage.neuron import NeuronCoverage
+from bastion.testing.coverage.rnn import BoundaryCoverage, StepwiseCoverage, TemporalCoverage
+from bastion.testing.coverage.surprise import DistanceSurpriseCoverage, LikelihoodSurpriseCoverage
 
 __all__ = [
     "METRICS",
+    "BoundaryCoverage",
     "CoverageMetric",
     "CoverageReport",
+    "DistanceSurpriseCoverage",
+    "KMultisectionCoverage",
     "LayerProbe",
+    "LikelihoodSurpriseCoverage",
+    "MCDCCoverage",
+    "NeuronBoundaryCoverage",
     "NeuronCoverage",
+    "SignSignCoverage",
+    "SignValueCoverage",
+    "StepwiseCoverage",
+    "StrongNeuronActivationCoverage",
+    "TemporalCoverage",
+    "TopKNeuronCoverage",
+    "TopKNeuronPatterns",
+    "ValueSignCoverage",
+    "ValueValueCoverage",
     "coverage",
     "default_layers",
     "make_metric",
@@ -45,6 +76,12 @@ __all__ = [
 
 #: Registered criteria: command-line name -> class.
 METRICS: dict[str, type[CoverageMetric]] = {"nc": NeuronCoverage}
+METRICS.update({c.name: c for c in (KMultisectionCoverage, NeuronBoundaryCoverage, StrongNeuronActivationCoverage,
+                                     TopKNeuronCoverage, TopKNeuronPatterns)})  # DeepGauge  # fmt: skip
+METRICS.update({c.name: c for c in (SignSignCoverage, SignValueCoverage, ValueSignCoverage,
+                                     ValueValueCoverage)})  # MC/DC  # fmt: skip
+METRICS.update({c.name: c for c in (LikelihoodSurpriseCoverage, DistanceSurpriseCoverage)})  # surprise adequacy
+METRICS.update({c.name: c for c in (BoundaryCoverage, StepwiseCoverage, TemporalCoverage)})  # testRNN (LSTM/GRU)
 
 
 def register(cls: type[CoverageMetric]) -> type[CoverageMetric]:
@@ -123,7 +160,8 @@ def measure(
                 for m in metrics:
                     m.update({k: acts[k] for k in m.layers or []})
                 bar.update(min(int(batch_size), x.shape[0] - s))
-                bar.set_postfix_str(" ".join(f"{m.name} {100 * m.report().ratio:.1f}%" for m in metrics))
+                if progress:
+                    bar.set_postfix_str(" ".join(f"{m.name} {100 * m.report().ratio:.1f}%" for m in metrics))
         bar.close()
     return [m.report() for m in metrics]
 

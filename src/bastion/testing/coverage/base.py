@@ -13,7 +13,9 @@ how many of them a test set exercises. Every criterion here is computed the same
 
 Layers are named as in ``model.named_modules()``. By default they are every activation module (ReLU and its
 relatives, sigmoid, tanh) and, when the model has none (activations called as functions), every linear and
-convolution output but the last (the logits are not neurons under test).
+convolution output but the last (the logits are not neurons under test). A name ending in ``":input"``
+(:data:`INPUT_SUFFIX`) probes the *input* of that module instead of its output (the recurrent criteria recompute
+an LSTM's steps from it).
 
 Neurons of a convolution layer: with ``granularity="element"`` every element of the feature map is a neuron (as
 DeepConcolic and DeepGauge's element-wise variant count them); with ``"channel"`` a channel is one neuron whose value
@@ -34,6 +36,7 @@ from bastion.errors import InputError, ModelError
 
 __all__ = [
     "ACTIVATIONS",
+    "INPUT_SUFFIX",
     "CoverageMetric",
     "CoverageReport",
     "LayerProbe",
@@ -62,6 +65,12 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 _AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GRANULARITIES = ("element", "channel")
+#: A layer name ending in this suffix probes the module's (first positional) input instead of its output.
+INPUT_SUFFIX = ":input"
+
+
+def _module_name(layer: str) -> str:
+    return layer[: -len(INPUT_SUFFIX)] if layer.endswith(INPUT_SUFFIX) else layer
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -92,7 +101,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None) -> list
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
     chosen = list(dict.fromkeys(layers))
-    unknown = [n for n in chosen if n not in names]
+    unknown = [n for n in chosen if _module_name(n) not in names]
     if unknown:
         raise InputError(
             f"unknown layer name(s) {', '.join(map(repr, unknown))}; the model's layers are: {', '.join(names)}"
@@ -129,16 +138,19 @@ class LayerProbe:
         modules = dict((root or model).named_modules())
         self.model = model
         self.layers = list(layers)
-        self._modules = [modules[n] for n in self.layers]
+        self._modules = [modules[_module_name(n)] for n in self.layers]
         self.keep_graph = keep_graph
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
     def _hook(self, name: str) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
+        def hook(_module: nn.Module, inputs: Any, output: Any) -> None:
+            if name.endswith(INPUT_SUFFIX):
+                out, what = (inputs[0] if inputs else None), "received"
+            else:
+                out, what = (output[0] if isinstance(output, (tuple, list)) else output), "returned"
             if not isinstance(out, Tensor):
-                raise ModelError(f"layer {name!r} returned {type(out).__name__}, not a tensor: it cannot be probed")
+                raise ModelError(f"layer {name!r} {what} {type(out).__name__}, not a tensor: it cannot be probed")
             self.outputs[name] = out if self.keep_graph else out.detach()
 
         return hook
@@ -361,19 +373,22 @@ class CoverageMetric:
         first = self.first[layer]
         if first.shape[0] != items:
             raise ModelError(f"layer {layer!r} changed its number of items from {first.shape[0]} to {items}")
-        # the lowest index among the inputs of the batch that satisfy each item (or a huge value for none)
-        big = torch.iinfo(torch.long).max
-        cand = torch.where(hit, index[:, None], torch.full_like(hit, big, dtype=torch.long)).amin(dim=0)
-        fresh = (first < 0) & (cand < big)
-        improved = (first >= 0) & (cand < first)  # an earlier input (resumed or merged out of order)
+        # rows in increasing index order, so that the first True of a column is its lowest-index input
+        if index.numel() > 1 and bool((index[1:] < index[:-1]).any()):
+            order = index.argsort()
+            hit, index = hit[order], index[order]
+        else:
+            order = None
+        any_hit = hit.any(dim=0)
+        row = hit.to(torch.uint8).argmax(dim=0)  # argmax returns the first maximal entry
+        cand = index[row]
+        fresh = (first < 0) & any_hit
+        improved = (first >= 0) & any_hit & (cand < first)  # an earlier input (resumed or merged out of order)
         first[fresh | improved] = cand[fresh | improved]
         # credit per input: items it covers first in this batch
-        winners = cand[fresh]
-        credit = torch.zeros(hit.shape[0], dtype=torch.long)
-        if winners.numel():
-            pos = torch.searchsorted(index.sort().values, winners)
-            order = index.argsort()
-            credit.index_add_(0, order[pos], torch.ones_like(winners))
+        credit = torch.bincount(row[fresh], minlength=hit.shape[0])
+        if order is not None:
+            credit = torch.zeros_like(credit).index_add_(0, order, credit)
         return credit
 
     def target(self, layer: str, item: int) -> NeuronTarget:

@@ -285,6 +285,7 @@ def run_generator(
     state: dict[str, Any] = {
         "tests": empty.cpu(),
         "origins": torch.zeros(0, dtype=torch.long),
+        "predictions": torch.zeros(0, dtype=torch.long),  # the model's predictions on the kept tests, as run
         "history": [],
         "iteration": 0,
         "queries": 0,
@@ -356,6 +357,7 @@ def run_generator(
                     first_new = seeds.shape[0] + ctx.tests.shape[0]
                     ctx.tests = torch.cat([ctx.tests, kept])
                     ctx.origins = torch.cat([ctx.origins, kept_origin])
+                    state["predictions"] = torch.cat([state["predictions"], kept_logits.argmax(dim=1).cpu()])
                     records = _records(kept, kept_origin, kept_logits, ctx, first_new - seeds.shape[0], generator.name)
                     run.write(records, seconds=time.perf_counter() - t0)
                 ctx.iteration += 1
@@ -390,18 +392,19 @@ def _tensor_fingerprint(x: Tensor) -> str:
 def _seed_coverage(
     model: nn.Module, metric: CoverageMetric, seeds: Tensor, layers: list[str], batch_size: int
 ) -> CoverageReport:
-    """Fold the seeds into ``metric`` (indices 0..S-1) unless a resumed state already has them; report them alone."""
-    fresh = type(metric).__new__(type(metric))
-    fresh.__dict__.update({k: v for k, v in metric.__dict__.items()})
-    fresh.first, fresh.inputs = {}, 0
+    """Fold the seeds into ``metric`` (indices 0..S-1) and report their coverage (a resumed run then loads its state).
+
+    The metric must not have seen inputs yet: its whole state (pair histories and pattern tables included) is
+    the seeds' from here on.
+    """
+    if metric.inputs:
+        raise InputError(f"the criterion {metric!r} has already seen {metric.inputs} inputs: give a fresh one")
     root = model.model if isinstance(model, QueryCounter) else model
     with torch.no_grad(), LayerProbe(model, layers, root=root) as probe:
         for s in range(0, seeds.shape[0], batch_size):
             _, acts = probe.run(seeds[s : s + batch_size])
-            fresh.update(acts, torch.arange(s, s + acts[layers[0]].shape[0]))
-    metric.first = {k: v.clone() for k, v in fresh.first.items()}
-    metric.inputs = fresh.inputs
-    return fresh.report()
+            metric.update(acts, torch.arange(s, s + acts[layers[0]].shape[0]))
+    return metric.report()
 
 
 def _records(
@@ -427,7 +430,7 @@ def _records(
 
 def _distance(tests: Tensor, origin: Tensor, ctx: GenerationContext) -> tuple[Tensor, Tensor]:
     x0 = ctx.seeds[origin]
-    if ctx.threat is None:
+    if ctx.threat is None or not tests.numel():  # an empty suite has no rows to measure
         d = (tests - x0).flatten(1).abs().amax(dim=1) if tests.numel() else tests.new_zeros(tests.shape[0])
         return d, torch.ones_like(d, dtype=torch.bool)
     return ctx.threat.distance(tests, x0), ctx.threat.contains(tests, x0)
@@ -442,9 +445,7 @@ def _result(
     queries: int,
     run_id: int | None,
 ) -> TestSuiteResult:
-    with torch.no_grad():
-        logits = ctx.model.model(ctx.tests) if ctx.tests.shape[0] else ctx.seeds.new_zeros((0, 1))
-    pred = logits.argmax(dim=1)
+    pred = state["predictions"].to(ctx.tests.device)  # from the loop's own forward passes: no extra query
     labels = ctx.seed_labels[ctx.origins]
     dist, inside = _distance(ctx.tests, ctx.origins, ctx)
     return TestSuiteResult(

@@ -21,13 +21,21 @@ from bastion.testing.generate.base import (
     TestSuiteResult,
     run_generator,
 )
+from bastion.testing.generate.concolic import Concolic
+from bastion.testing.generate.deepxplore import DeepXplore
+from bastion.testing.generate.fuzz import Fuzzer
+from bastion.testing.generate.rnn import RNNMutation
 from bastion.threat import ThreatModel
 
 __all__ = [
     "GENERATORS",
     "Budget",
+    "Concolic",
+    "DeepXplore",
+    "Fuzzer",
     "GenerationContext",
     "QueryCounter",
+    "RNNMutation",
     "TestGenerator",
     "TestSuiteResult",
     "generate_tests",
@@ -35,8 +43,11 @@ __all__ = [
     "run_generator",
 ]
 
-#: Registered generators: name -> class (filled by the generator modules).
-GENERATORS: dict[str, type[TestGenerator]] = {}
+#: Registered generators: name -> class.
+GENERATORS: dict[str, type[TestGenerator]] = {
+    g.name: g
+    for g in (Concolic, DeepXplore, Fuzzer, RNNMutation)  # type: ignore[type-abstract]
+}
 
 
 def make_generator(method: str | TestGenerator, **options: Any) -> TestGenerator:

@@ -22,6 +22,7 @@ seed in the threat's norm) and ``"unknown"`` otherwise, ``attack`` the generator
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -333,33 +334,32 @@ def run_generator(
                 if proposal is None:
                     break
                 cand, origin = proposal
-                if cand.shape[0] == 0:
-                    ctx.iteration += 1
-                    continue
-                left = None if budget.queries is None else budget.queries - counted.queries
-                if left is not None and cand.shape[0] > left:
-                    cand, origin = cand[:left], origin[:left]
-                cand = ctx.project(cand.detach().to(device), origin.to(device))
-                origin = origin.to(device)
-                with torch.no_grad():
-                    logits, acts = ctx.probe(cand)
-                index = torch.arange(
-                    seeds.shape[0] + ctx.tests.shape[0], seeds.shape[0] + ctx.tests.shape[0] + cand.shape[0]
-                )
-                trial = type(metric).__new__(type(metric))
-                trial.__dict__.update({k: v for k, v in metric.__dict__.items()})
-                trial.first = {k: v.clone() for k, v in metric.first.items()}
-                gain = trial.update(acts, index)
-                keep = generator.accept(ctx, cand, gain.to(device), logits).to(device)
-                if bool(keep.any()):
-                    kept, kept_origin, kept_logits = cand[keep], origin[keep], logits[keep]
-                    metric.update({k: v[keep] for k, v in acts.items()}, index[: int(keep.sum())])
-                    first_new = seeds.shape[0] + ctx.tests.shape[0]
-                    ctx.tests = torch.cat([ctx.tests, kept])
-                    ctx.origins = torch.cat([ctx.origins, kept_origin])
-                    state["predictions"] = torch.cat([state["predictions"], kept_logits.argmax(dim=1).cpu()])
-                    records = _records(kept, kept_origin, kept_logits, ctx, first_new - seeds.shape[0], generator.name)
-                    run.write(records, seconds=time.perf_counter() - t0)
+                if cand.shape[0] > 0:  # an empty proposal still counts as an iteration (and is checkpointed)
+                    left = None if budget.queries is None else budget.queries - counted.queries
+                    if left is not None and cand.shape[0] > left:
+                        cand, origin = cand[:left], origin[:left]
+                    cand = ctx.project(cand.detach().to(device), origin.to(device))
+                    origin = origin.to(device)
+                    with torch.no_grad():
+                        logits, acts = ctx.probe(cand)
+                    index = torch.arange(
+                        seeds.shape[0] + ctx.tests.shape[0], seeds.shape[0] + ctx.tests.shape[0] + cand.shape[0]
+                    )
+                    trial = copy.copy(metric)  # the gain of the candidates, without committing them
+                    trial.first = {k: v.clone() for k, v in metric.first.items()}
+                    gain = trial.update(acts, index)
+                    keep = generator.accept(ctx, cand, gain.to(device), logits).to(device)
+                    if bool(keep.any()):
+                        kept, kept_origin, kept_logits = cand[keep], origin[keep], logits[keep]
+                        metric.update({k: v[keep] for k, v in acts.items()}, index[: int(keep.sum())])
+                        first_new = seeds.shape[0] + ctx.tests.shape[0]
+                        ctx.tests = torch.cat([ctx.tests, kept])
+                        ctx.origins = torch.cat([ctx.origins, kept_origin])
+                        state["predictions"] = torch.cat([state["predictions"], kept_logits.argmax(dim=1).cpu()])
+                        records = _records(
+                            kept, kept_origin, kept_logits, ctx, first_new - seeds.shape[0], generator.name
+                        )
+                        run.write(records, seconds=time.perf_counter() - t0)
                 ctx.iteration += 1
                 state.update(
                     tests=ctx.tests.cpu(), origins=ctx.origins.cpu(), iteration=ctx.iteration,

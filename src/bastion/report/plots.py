@@ -5,9 +5,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bastion.errors import InputError
 from bastion.evaluate import EvaluationResult
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (format from the suffix) and close it; an unwritable path is an InputError."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=120)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
+    finally:
+        plt.close(fig)
+    return out
 
 
 def _norm_and_eps(key: str) -> tuple[str, float] | None:
@@ -57,15 +73,7 @@ def plot_robust_accuracy(result: EvaluationResult, path: str | Path, *, title: s
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or f"Robust accuracy (n = {result.n})")
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=120)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_certified_accuracy(
@@ -111,15 +119,7 @@ def plot_certified_accuracy(
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "Certified accuracy (randomized smoothing)")
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=120)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_coverage_history(
@@ -150,12 +150,4 @@ def plot_coverage_history(
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "Coverage during test generation")
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=120)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot write the figure to {str(out)!r}: {exc}") from None
-    finally:
-        plt.close(fig)
-    return out
+    return _save(fig, path)

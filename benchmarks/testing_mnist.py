@@ -124,7 +124,7 @@ def generator_table(models: dict[str, nn.Module], split: common.Split, args: arg
     rows = []
     seeds = split.eval.subset(slice(0, args.seeds))
     for method, options in GENERATOR_OPTIONS.items():
-        if method not in GENERATORS:
+        if method not in GENERATORS or method not in args.methods:
             continue
         for model_name, model in models.items():
             threat = None if method == "deepxplore" else LpBall("linf", args.eps)
@@ -187,6 +187,8 @@ def speed_table(models: dict[str, nn.Module], split: common.Split, n: int) -> st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--methods", nargs="+", default=list(GENERATOR_OPTIONS), choices=list(GENERATOR_OPTIONS))
+    ap.add_argument("--only", choices=("coverage", "generate", "speed"), default=None, help="one table only")
     ap.add_argument("--seeds", type=int, default=100, help="seed inputs of each generator")
     ap.add_argument("--iterations", type=int, default=200, help="generation iterations")
     ap.add_argument("--eps", type=float, default=0.3, help="l∞ radius of concolic and fuzzing tests")
@@ -207,12 +209,15 @@ def main() -> None:
     log(common.machine_summary())
     split = common.load_split()
     models = {name: get_model(name, split, log) for name in args.models}
-    log("\n### Coverage of the 2,000 evaluation images\n")
-    log(coverage_table(models, split))
-    log(f"\n### Test generation from {args.seeds} seeds, {args.iterations} iterations (criterion nc)\n")
-    log(generator_table(models, split, args))
-    log("\n### Batched coverage vs a per-sample loop (nc)\n")
-    log(speed_table(models, split, args.speed_n))
+    if args.only in (None, "coverage"):
+        log("\n### Coverage of the 2,000 evaluation images\n")
+        log(coverage_table(models, split))
+    if args.only in (None, "generate"):
+        log(f"\n### Test generation from {args.seeds} seeds, {args.iterations} iterations (criterion nc)\n")
+        log(generator_table(models, split, args))
+    if args.only in (None, "speed"):
+        log("\n### Batched coverage vs a per-sample loop (nc)\n")
+        log(speed_table(models, split, args.speed_n))
     log(f"\n- {common.load_average()} at the end")
     if args.output:
         args.output.write_text("\n".join(lines) + "\n")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bastion.errors import InputError
 from bastion.testing.coverage import (
@@ -24,18 +24,9 @@ from bastion.testing.coverage import (
 )
 from bastion.testing.coverage.base import CoverageMetric, NeuronTarget
 
+from .nets import tiny
+
 LAYERS = ["1", "3"]
-
-
-def tiny() -> nn.Sequential:
-    """Layer "1" = relu(x); layer "3" = relu([h0 + h1, h0 - h1]), h the output of "1"; then the logits."""
-    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    weights = ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, -1.0]], [[1.0, 0.0], [0.0, 1.0]])
-    with torch.no_grad():
-        for lin, w in zip((net[0], net[2], net[4]), weights):
-            lin.weight.copy_(torch.tensor(w))
-            lin.bias.zero_()
-    return net.eval()
 
 
 # Test inputs. Layer "1": (0.25, 1.75), (3, 0), (1.0, 0.6); layer "3": (2.0, 0), (3, 3), (1.6, 0.4).

@@ -23,19 +23,10 @@ from bastion.testing.coverage import (
     measure,
 )
 
+from .nets import tiny
+
 LAYERS = ["1", "3"]
 CLASSES = [SignSignCoverage, SignValueCoverage, ValueSignCoverage, ValueValueCoverage]
-
-
-def tiny() -> nn.Sequential:
-    """Condition layer "1" = relu(x); decision layer "3" = relu([h0 + h1, h0 - h1]); then the logits."""
-    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    weights = ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, -1.0]], [[1.0, 0.0], [0.0, 1.0]])
-    with torch.no_grad():
-        for lin, w in zip((net[0], net[2], net[4]), weights):
-            lin.weight.copy_(torch.tensor(w))
-            lin.bias.zero_()
-    return net.eval()
 
 
 # condition values a (1, 0), b (0, 1), c (1, 1), e (4, 1); decision values (1, 1), (1, 0), (2, 0), (5, 3)

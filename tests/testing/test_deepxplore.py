@@ -6,49 +6,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from bastion.data import Dataset, load_digits
-from bastion.defenses.training import train
+from bastion.data import Dataset
 from bastion.errors import InputError
-from bastion.models import build_model
 from bastion.testing.generate import GENERATORS, Budget, generate_tests, make_generator
 from bastion.testing.generate.base import TestSuiteResult as Suite
 from bastion.testing.generate.deepxplore import DeepXplore
 from bastion.threat import LpBall
 
-
-class Counting(nn.Module):
-    """An independent count of every input the wrapped model sees."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.count = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.count += int(x.shape[0])
-        return self.model(x)
+from .nets import Counting, digits_cnns
 
 
 @pytest.fixture(scope="module")
-def digits_cnns() -> tuple[nn.Module, nn.Module, Dataset]:
+def digits_cnns_pair() -> tuple[nn.Module, nn.Module, Dataset]:
     """Two digits CNNs, initialised and shuffled with different seeds, and 40 held-out seeds."""
-    data = load_digits()
-    train_set, test_set = data.train_test_split(0.2, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one-thread fixture
-    models = []
-    try:
-        with torch.random.fork_rng():
-            for s in (0, 1):
-                torch.manual_seed(s)
-                model = build_model("cnn", (1, 8, 8), 10)
-                train(model, train_set, epochs=2, progress=False, seed=s)
-                models.append(model)
-    finally:
-        torch.set_num_threads(threads)
-    return models[0], models[1], test_set.subset(range(40))
+    (a, b), seeds = digits_cnns((0, 1))
+    return a, b, seeds
 
 
 def _run(model: nn.Module, seeds: Dataset, gen: DeepXplore, iterations: int = 20, **kw: object) -> Suite:
@@ -67,14 +41,14 @@ def test_bad_options(bad: dict[str, object]) -> None:
         DeepXplore(**bad)  # type: ignore[arg-type]
 
 
-def test_occlusion_must_fit(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, _, seeds = digits_cnns
+def test_occlusion_must_fit(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, _, seeds = digits_cnns_pair
     with pytest.raises(InputError, match="does not fit"):
         _run(model, seeds, DeepXplore(transformation="occl", occlusion_size=3, occlusion_position=(6, 0)), 2)
 
 
-def test_two_models_disagree_and_coverage_rises(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, other, seeds = digits_cnns
+def test_two_models_disagree_and_coverage_rises(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, other, seeds = digits_cnns_pair
     gen = DeepXplore(others=[other])
     suite = _run(model, seeds, gen)
     assert suite.coverage.covered > suite.seed_coverage.covered
@@ -91,8 +65,8 @@ def test_two_models_disagree_and_coverage_rises(digits_cnns: tuple[nn.Module, nn
     assert not set(gen.seed_disagreements) & set(suite.origins.tolist())
 
 
-def test_single_model_variant(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, _, seeds = digits_cnns
+def test_single_model_variant(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, _, seeds = digits_cnns_pair
     gen = DeepXplore()
     suite = _run(model, seeds, gen)
     assert suite.coverage.covered > suite.seed_coverage.covered
@@ -101,8 +75,8 @@ def test_single_model_variant(digits_cnns: tuple[nn.Module, nn.Module, Dataset])
     assert bool(suite.adversarial[index].all())
 
 
-def test_light_is_a_uniform_shift(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, other, seeds = digits_cnns
+def test_light_is_a_uniform_shift(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, other, seeds = digits_cnns_pair
     suite = _run(model, seeds, DeepXplore(others=[other], transformation="light"))
     assert suite.n_tests > 0
     x0 = seeds.x[suite.origins].flatten(1)
@@ -115,8 +89,8 @@ def test_light_is_a_uniform_shift(digits_cnns: tuple[nn.Module, nn.Module, Datas
     assert bool((shift.abs() > 0).all())
 
 
-def test_occlusion_changes_one_rectangle(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, other, seeds = digits_cnns
+def test_occlusion_changes_one_rectangle(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, other, seeds = digits_cnns_pair
     suite = _run(model, seeds, DeepXplore(others=[other], transformation="occl", occlusion_size=(3, 2),
                                           occlusion_position=(2, 5)))  # fmt: skip
     assert suite.n_tests > 0
@@ -133,8 +107,8 @@ def test_occlusion_changes_one_rectangle(digits_cnns: tuple[nn.Module, nn.Module
         assert int(rows[-1] - rows[0]) < 3 and int(cols[-1] - cols[0]) < 3  # 10/28 of 8 pixels: 3x3
 
 
-def test_blackout_sets_small_squares_to_black(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, other, seeds = digits_cnns
+def test_blackout_sets_small_squares_to_black(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, other, seeds = digits_cnns_pair
     gen = DeepXplore(others=[other], transformation="blackout", iterations=10)
     suite = _run(model, seeds, gen)
     assert suite.n_tests > 0
@@ -144,8 +118,8 @@ def test_blackout_sets_small_squares_to_black(digits_cnns: tuple[nn.Module, nn.M
     assert int(changed.flatten(1).sum(dim=1).max()) <= gen.iterations * 4
 
 
-def test_tests_stay_in_the_threat(digits_cnns: tuple[nn.Module, nn.Module, Dataset]) -> None:
-    model, other, seeds = digits_cnns
+def test_tests_stay_in_the_threat(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset]) -> None:
+    model, other, seeds = digits_cnns_pair
     threat = LpBall("linf", 0.1)
     suite = _run(model, seeds, DeepXplore(others=[other]), threat=threat)
     assert suite.n_tests > 0
@@ -153,9 +127,9 @@ def test_tests_stay_in_the_threat(digits_cnns: tuple[nn.Module, nn.Module, Datas
 
 
 @pytest.mark.parametrize("queries", [1, 101])
-def test_query_budget(digits_cnns: tuple[nn.Module, nn.Module, Dataset], queries: int) -> None:
+def test_query_budget(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset], queries: int) -> None:
     """Gradient passes and evaluations together stay within the budget (the seeds' coverage pass aside)."""
-    model, other, seeds = digits_cnns
+    model, other, seeds = digits_cnns_pair
     counted = Counting(model)
     suite = generate_tests(counted, seeds, "nc", DeepXplore(others=[other]),
                            budget=Budget(iterations=None, queries=queries), progress=False)  # fmt: skip
@@ -163,8 +137,8 @@ def test_query_budget(digits_cnns: tuple[nn.Module, nn.Module, Dataset], queries
     assert counted.count == len(seeds) + suite.queries
 
 
-def test_checkpoint_resume(digits_cnns: tuple[nn.Module, nn.Module, Dataset], tmp_path: Path) -> None:
-    model, other, seeds = digits_cnns
+def test_checkpoint_resume(digits_cnns_pair: tuple[nn.Module, nn.Module, Dataset], tmp_path: Path) -> None:
+    model, other, seeds = digits_cnns_pair
     ckpt = tmp_path / "dx.ckpt"
     whole = _run(model, seeds, DeepXplore(others=[other], transformation="blackout"), 12)
     _run(model, seeds, DeepXplore(others=[other], transformation="blackout"), 5, checkpoint=ckpt)

@@ -8,42 +8,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bastion.data import Dataset, load_digits
-from bastion.defenses.training import train
+from bastion.data import Dataset
 from bastion.errors import InputError
-from bastion.models import build_model
 from bastion.testing.generate import GENERATORS, Budget, GenerationContext, generate_tests, make_generator
 from bastion.testing.generate.fuzz import Fuzzer
 from bastion.threat import LpBall
 
-
-class Counting(nn.Module):
-    """An independent count of every input the wrapped model sees."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.count = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.count += int(x.shape[0])
-        return self.model(x)
+from .nets import Counting, digits_cnns
 
 
 @pytest.fixture(scope="module")
 def digits_cnn() -> tuple[nn.Module, Dataset]:
-    data = load_digits()
-    train_set, test_set = data.train_test_split(0.2, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one-thread fixture
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = build_model("cnn", (1, 8, 8), 10)
-            train(model, train_set, epochs=2, progress=False, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    return model, test_set.subset(range(40))
+    (model,), seeds = digits_cnns()
+    return model, seeds
 
 
 def test_registered() -> None:

@@ -8,7 +8,6 @@ streaming (``update`` batch by batch), mergeable (``merge``) and resumable (``st
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ from bastion.testing.coverage.mcdc import (
 from bastion.testing.coverage.neuron import NeuronCoverage
 from bastion.testing.coverage.rnn import BoundaryCoverage, StepwiseCoverage, TemporalCoverage
 from bastion.testing.coverage.surprise import DistanceSurpriseCoverage, LikelihoodSurpriseCoverage
+from bastion.testing.registry import build
 
 __all__ = [
     "METRICS",
@@ -84,32 +84,13 @@ METRICS.update({c.name: c for c in (LikelihoodSurpriseCoverage, DistanceSurprise
 METRICS.update({c.name: c for c in (BoundaryCoverage, StepwiseCoverage, TemporalCoverage)})  # testRNN (LSTM/GRU)
 
 
-def register(cls: type[CoverageMetric]) -> type[CoverageMetric]:
-    """Add a criterion class to :data:`METRICS` under its ``name``."""
-    METRICS[cls.name] = cls
-    return cls
-
-
 def make_metric(name: str | CoverageMetric, **params: Any) -> CoverageMetric:
     """The criterion registered as ``name`` with ``params`` (a CoverageMetric is returned as it is).
 
     Raises:
         InputError: unknown name (the valid ones are listed) or a parameter the criterion does not take.
     """
-    if isinstance(name, CoverageMetric):
-        if params:
-            raise InputError("give parameters either to the criterion object or as keywords, not both")
-        return name
-    key = str(name).strip().lower()
-    if key not in METRICS:
-        raise InputError(f"unknown coverage metric {name!r}; choose one of {', '.join(METRICS)}")
-    cls = METRICS[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise InputError(f"metric {key!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
-                         f"{', '.join(accepted)}")  # fmt: skip
-    return cls(**params)
+    return build(METRICS, name, CoverageMetric, "coverage metric", "parameter", **params)
 
 
 def _inputs(data: Dataset | tuple[Tensor, Tensor] | Tensor, what: str) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -25,6 +24,7 @@ from bastion.testing.generate.concolic import Concolic
 from bastion.testing.generate.deepxplore import DeepXplore
 from bastion.testing.generate.fuzz import Fuzzer
 from bastion.testing.generate.rnn import RNNMutation
+from bastion.testing.registry import build
 from bastion.threat import ThreatModel
 
 __all__ = [
@@ -44,10 +44,7 @@ __all__ = [
 ]
 
 #: Registered generators: name -> class.
-GENERATORS: dict[str, type[TestGenerator]] = {
-    g.name: g
-    for g in (Concolic, DeepXplore, Fuzzer, RNNMutation)  # type: ignore[type-abstract]
-}
+GENERATORS: dict[str, type[TestGenerator]] = {g.name: g for g in (Concolic, DeepXplore, Fuzzer, RNNMutation)}
 
 
 def make_generator(method: str | TestGenerator, **options: Any) -> TestGenerator:
@@ -56,20 +53,7 @@ def make_generator(method: str | TestGenerator, **options: Any) -> TestGenerator
     Raises:
         InputError: unknown method (the valid ones are listed) or an option the generator does not take.
     """
-    if isinstance(method, TestGenerator):
-        if options:
-            raise InputError("give options either to the generator object or as keywords, not both")
-        return method
-    key = str(method).strip().lower()
-    if key not in GENERATORS:
-        raise InputError(f"unknown test generation method {method!r}; choose one of {', '.join(GENERATORS)}")
-    cls = GENERATORS[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise InputError(f"method {key!r} has no option {', '.join(map(repr, unknown))}; its options are "
-                         f"{', '.join(accepted) or 'none'}")  # fmt: skip
-    return cls(**options)
+    return build(GENERATORS, method, TestGenerator, "test generation method", **options)
 
 
 def generate_tests(

@@ -128,6 +128,8 @@ def generator_table(models: dict[str, nn.Module], split: common.Split, args: arg
             continue
         for model_name, model in models.items():
             threat = None if method == "deepxplore" else LpBall("linf", args.eps)
+            if method == "concolic":
+                options = {**options, "tries": args.tries, "norm": args.concolic_norm}
             t0 = time.perf_counter()
             suite = generate_tests(model, seeds, "nc", method, threat=threat, budget=args.iterations, seed=0,
                                    progress=args.progress, **options)  # fmt: skip
@@ -192,6 +194,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=100, help="seed inputs of each generator")
     ap.add_argument("--iterations", type=int, default=200, help="generation iterations")
     ap.add_argument("--eps", type=float, default=0.3, help="l∞ radius of concolic and fuzzing tests")
+    ap.add_argument("--tries", type=int, default=3, help="concolic: attempts per requirement before it is given up")
+    ap.add_argument(
+        "--concolic-norm",
+        choices=("linf", "l0"),
+        default="linf",
+        help="concolic: the l∞ linear program or the L0 heuristic (tests stay in the l∞ --eps ball)",
+    )
     ap.add_argument("--speed-n", type=int, default=100, help="inputs of the speed comparison")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--progress", action="store_true")

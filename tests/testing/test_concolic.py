@@ -257,6 +257,72 @@ def test_the_region_is_exact_maxima_of_the_target_over_it_are_attained() -> None
     assert checked == 48
 
 
+def _ctx(net: nn.Module, layer: str, x: Tensor, threat: LpBall | None = None) -> GenerationContext:
+    metric = NeuronCoverage(layers=[layer])
+    layers = metric.bind(net)
+    with torch.no_grad(), LayerProbe(net, layers) as probe:
+        metric.update(probe.run(x)[1])
+    return GenerationContext(
+        model=QueryCounter(net), metric=metric, layers=layers, seeds=x,
+        seed_labels=torch.zeros(len(x), dtype=torch.long), tests=x[:0], origins=torch.zeros(0, dtype=torch.long),
+        threat=threat, domain=(0.0, 1.0),
+        generator=torch.Generator(),
+    )  # fmt: skip
+
+
+def test_the_cone_is_the_receptive_field_of_the_target() -> None:
+    """The cone of a second-layer convolution neuron: the 3x3 window of the first layer (all channels), the 5x5
+    window of the input, whatever the input's activation pattern."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU()).eval()
+    x = torch.rand(2, 1, 7, 7)
+    ctx = _ctx(net, "3", x)
+    gen = Concolic()
+    gen._bind(ctx)
+    gen._update_values(ctx)
+    for i, (c, p, q) in itertools.product(range(2), [(0, 0, 0), (1, 2, 1), (0, 2, 2)]):
+        cone = gen._cone(ctx, x[i], "3", NeuronTarget("3", c * 9 + p * 3 + q, 0.0, math.inf))
+        assert cone is not None and set(cone) == {-1, 1}
+        want = torch.zeros(2, 5, 5, dtype=torch.bool)
+        want[:, p : p + 3, q : q + 3] = True
+        assert torch.equal(cone[1], want.flatten())
+        want_x = torch.zeros(1, 7, 7, dtype=torch.bool)
+        want_x[:, p : p + 5, q : q + 5] = True
+        assert torch.equal(cone[-1], want_x.flatten())
+
+
+def test_the_cone_lp_meets_the_requirement_and_is_at_least_as_close_as_the_full_one() -> None:
+    """The cone's region contains the full one's: every requirement the paper's LP solves the cone's solves, at no
+    larger distance, and its solution meets the requirement on re-execution."""
+    solved = closer = 0
+    for seed in range(6):
+        net = _conv_net(seed)
+        torch.manual_seed(100 + seed)
+        x = torch.rand(2, 1, 6, 6)
+        for layer in ("4", "7"):
+            ctx = _ctx(net, layer, x, LpBall("linf", 0.3))
+            values = _read(net, str(int(layer) - 1), x)
+            gens = {mode: Concolic(region=mode) for mode in ("cone", "full")}
+            for g in gens.values():
+                g._bind(ctx)
+                g._update_values(ctx)
+            for i, j in itertools.product(range(2), range(values.shape[1])):
+                if float(values[i, j]) > 0:
+                    continue
+                target = NeuronTarget(layer, j, 0.0, math.inf)
+                lo, hi = gens["cone"]._box(ctx, i, x[i])
+                got = {m: g._solve_lp(ctx, layer, target, i, x[i], lo, hi) for m, g in gens.items()}
+                cand, status, dist, _ = got["cone"]
+                if got["full"][1] == "solved":
+                    assert status == "solved" and dist is not None and dist <= got["full"][2] + 1e-6
+                    closer += dist < got["full"][2] - 1e-6
+                if status == "solved":
+                    assert cand is not None and bool(((cand >= lo - 1e-7) & (cand <= hi + 1e-7)).all())
+                    assert float(_read(net, str(int(layer) - 1), cand[None])[0, j]) > 0
+                    solved += 1
+    assert solved >= 20 and closer >= 1
+
+
 class Band(CoverageMetric):
     """A hand-made interval criterion: neuron value in (lo, hi]."""
 

@@ -25,17 +25,32 @@ Concolic testing alternates *concrete* execution and *symbolic* analysis. Each i
 3. hands the candidate to the shared loop, which re-executes it and keeps it when it covers something new.
 
 The LP's affine maps are read off the network itself: at ``x0`` the Jacobian of every pre-activation with respect
-to the input (forward-mode automatic differentiation, batched over the input's basis vectors with
-``torch.func.vmap``) together with its value is the exact affine function on the linear region. Each ReLU neuron
-before the target contributes the row ``s (J x + c) >= 0`` (``s`` its sign at ``x0``), each max-pooling window
-``(J_argmax - J_other) x + ... >= 0``. Rows that cannot bind inside the search box (their minimum over it is already
-non-negative) or whose neuron is constant on the region (zero gradient) are dropped before solving. The LP then has
-``D + 1`` variables (the input and ``t``) and ``2 D`` distance rows plus the remaining pattern rows: for the digits
-CNN (D = 64) no pattern row for its first ReLU layer, about 2,500 for the second and 3,500 for the dense one (out of
-2,048 + 1,536 + 1,024 + 768 before filtering). Only layers up to the target's are encoded, as in the paper. HiGHS
+to the input together with its value is the exact affine function on the linear region. The pattern layers'
+Jacobians come from forward-mode automatic differentiation, batched over the input's basis vectors with
+``torch.func.vmap``, the forward pass cut after the deepest call the target needs (cached per input and extended
+when a deeper target comes); the target's own row (or its channel's rows) from reverse mode, one backward pass per
+row. A target in the first ReLU layer therefore costs one backward pass, not a Jacobian of the whole network. Each
+ReLU neuron before the target contributes the row ``s (J x + c) >= 0`` (``s`` its sign at ``x0``), each max-pooling
+window ``(J_argmax - J_other) x + ... >= 0``. Rows that cannot bind inside the search box (their minimum over it is
+already non-negative, tested in the model's precision with a relative slack of 1e-5) or whose neuron is constant on
+the region (zero gradient) are dropped before solving. The LP then has ``D + 1`` variables (the input and ``t``)
+and ``2 D`` distance rows plus the remaining pattern rows: for the digits CNN (D = 64) no pattern row for its first
+ReLU layer, about 2,500 for the second and 3,500 for the dense one (out of 2,048 + 1,536 + 1,024 + 768 before
+filtering). Only layers up to the target's are encoded, as in the paper. HiGHS
 (``scipy.optimize.linprog(method="highs")``) solves it, in milliseconds to a tenth of a second here.
 
-The paper's LP is confined to the linear region of ``x0``: for a neuron of a deep layer, whose region is small, it
+**The region encoded (``region``).** The paper's LP fixes the pattern of *every* neuron of the layers before the
+target (``region="full"``). Only the target's *cone* matters to its value, though: the neurons with a path to it
+(for a convolution neuron, those of its receptive field). With ``region="cone"`` (the default) only the cone's
+pattern is fixed. On the union of regions that agree on the cone the target is still exactly the same affine
+function, so the solution meets the requirement just as surely (and the loop re-executes it); the LP is a
+relaxation of the paper's (every input it accepts is accepted here, so the distance found is never larger and the
+requirement is solvable at least as often), and it is small: for the second convolution of a 28x28 CNN it has
+about 2,000 pattern rows over the target's 8x8 input window instead of some 60,000 over all 784 pixels, which took
+HiGHS minutes. The cone is read structurally, whatever the input (see :meth:`Concolic._cone`), and the Jacobians
+are then computed for the cone's input features only.
+
+Either LP is confined to a linear region around ``x0``: for a neuron of a deep layer, whose region is small, it
 is often infeasible although another region would reach the requirement. Such a failure costs one iteration; the
 pair is not tried again and the requirement is given up after ``tries`` attempts.
 
@@ -127,7 +142,11 @@ _NONLINEAR_FUNCTIONS = frozenset(
 )
 _PROBE_BATCH = 256
 #: a linearised call: its values (K,), their Jacobian (K, D) and the per-sample shape
-_Linear = tuple[np.ndarray, np.ndarray, tuple[int, ...]]
+_Linear = tuple[Tensor, Tensor, tuple[int, ...]]
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to cut a forward pass once the values needed are read."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +331,8 @@ class Concolic(TestGenerator):
         l0_values: values each feature is tried at when ranking features, evenly spanning its allowed range
             (DeepConcolic's ``gran``, 2: both ends).
         l0_max_changes: most features one L0 step changes (DeepConcolic's ``mani_range``, 100).
+        region: ``"cone"`` (fix the activation pattern of the target's cone only, the default) or ``"full"`` (of
+            every neuron before the target's layer, as the paper); see the module docstring.
 
     Example:
         >>> suite = generate_tests(model, seeds, "nc", "concolic", threat=LpBall("linf", 0.3),
@@ -330,8 +351,11 @@ class Concolic(TestGenerator):
         time_limit: float = 600.0,
         l0_values: int = 2,
         l0_max_changes: int = 100,
+        region: str = "cone",
     ) -> None:
         key = canonical_norm(norm)
+        if region not in ("cone", "full"):
+            raise InputError(f"region must be 'cone' or 'full', got {region!r}")
         if key not in ("linf", "l0"):
             raise InputError(f"concolic testing supports norm 'linf' (linear programming) or 'l0', got {norm!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
@@ -347,6 +371,7 @@ class Concolic(TestGenerator):
         self.time_limit = float(time_limit)
         self.l0_values = int(l0_values)
         self.l0_max_changes = int(l0_max_changes)
+        self.region_mode = region
         self._reset()
         self._loaded = False
         self._ctx: Any = None
@@ -360,7 +385,11 @@ class Concolic(TestGenerator):
         self._drop_cache()
 
     def _drop_cache(self) -> None:
-        self._values: dict[str, Tensor] = {}  # layer -> ranking values (inputs, neurons)
+        self._values: dict[str, Tensor] = {}  # layer -> ranking values (inputs, neurons): views of _buffers
+        self._buffers: dict[str, Tensor] = {}
+        #: layer -> per item, the closest untried input's distance and index, and the inputs seen (see _choose)
+        self._rank: dict[str, tuple[Tensor, Tensor, int]] = {}
+        self._dirty: dict[str, set[int]] = {}  # layer -> items tried since their rank was computed
         self._structure: _Structure | None = None
         self._lin: tuple[int, dict[tuple[int, str], _Linear]] | None = None
         self._targets: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # layer -> requirements of its items
@@ -419,6 +448,7 @@ class Concolic(TestGenerator):
         x0 = ctx.seeds[i] if i < ctx.seeds.shape[0] else ctx.tests[i - ctx.seeds.shape[0]]
         origin = i if i < ctx.seeds.shape[0] else int(ctx.origins[i - ctx.seeds.shape[0]])
         self._inhibited.setdefault(layer, {}).setdefault(item, set()).add(i)
+        self._dirty.setdefault(layer, set()).add(item)
         self._tried[(layer, item)] = self._tried.get((layer, item), 0) + 1
         lo, hi = self._box(ctx, origin, x0)
         if self.norm == "linf":
@@ -494,7 +524,15 @@ class Concolic(TestGenerator):
         have = self._cached()
         if have >= total:
             return
-        xs = torch.cat([ctx.seeds, ctx.tests]) if ctx.tests.shape[0] else ctx.seeds
+        n_seeds = ctx.seeds.shape[0]
+
+        def inputs(start: int, size: int) -> Tensor:
+            if start + size <= n_seeds:
+                return ctx.seeds[start : start + size]
+            if start >= n_seeds:
+                return ctx.tests[start - n_seeds : start - n_seeds + size]
+            return torch.cat([ctx.seeds[start:], ctx.tests[: start + size - n_seeds]])
+
         plan: list[tuple[int, int, bool]] = []  # (first input, batch size, charged)
         pos = 0
         for size in self._reads:
@@ -505,11 +543,19 @@ class Concolic(TestGenerator):
             size = min(_PROBE_BATCH, total - start)
             plan.append((start, size, True))
             self._reads.append(size)
-        parts: dict[str, list[Tensor]] = {k: [self._values[k]] if k in self._values else [] for k in ctx.layers}
+        # the values live in buffers grown by doubling, so that one more test costs its own read, not a copy
+        n = have
         for start, size, charged in plan:
-            for k, (v, _) in self._read(ctx, xs[start : start + size], counted=charged).items():
-                parts[k].append(v)
-        self._values = {k: torch.cat(v) for k, v in parts.items()}
+            for k, (v, _) in self._read(ctx, inputs(start, size), counted=charged).items():
+                buf = self._buffers.get(k)
+                if buf is None or buf.shape[0] < start + size:
+                    grown = v.new_empty((max(2 * (start + size), 64), v.shape[1]))
+                    if buf is not None:
+                        grown[:n] = buf[:n]
+                    self._buffers[k] = buf = grown
+                buf[start : start + size] = v
+            n = start + size
+        self._values = {k: b[:n] for k, b in self._buffers.items()}
 
     def _table(self, ctx: GenerationContext, layer: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every item's requirement on the ranking value: ``(neuron, lower, upper, solvable)``, each ``(items,)``."""
@@ -532,8 +578,35 @@ class Concolic(TestGenerator):
             )  # fmt: skip
         return self._targets[layer]
 
+    def _distances(self, layer: str, items: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Per item of ``items``: the smallest distance of its ranking value to its requirement over the inputs from
+        ``start`` on that were not tried on it yet, and the first input attaining it (``inf`` and 0 for none)."""
+        neurons, lower, upper, _ = self._targets[layer]
+        values = self._values[layer][start:]  # (N', P)
+        inhibited = self._inhibited.get(layer, {})
+        d_out = torch.full((items.numel(),), math.inf, dtype=torch.float64, device=values.device)
+        i_out = torch.zeros(items.numel(), dtype=torch.long, device=values.device)
+        if values.shape[0] == 0:
+            return d_out, i_out
+        step = max(1, 2**22 // values.shape[0])
+        for s in range(0, items.numel(), step):
+            chunk = items[s : s + step]
+            v = values[:, neurons[chunk]].double()  # (N', Q)
+            dist = (lower[chunk] - v).clamp(min=0) + (v - upper[chunk]).clamp(min=0)
+            if inhibited:  # pairs tried before are out
+                where = {item: q for q, item in enumerate(chunk.tolist())}
+                for item in where.keys() & inhibited.keys():
+                    rows = [r - start for r in inhibited[item] if r >= start]
+                    dist[rows, where[item]] = math.inf
+            d_out[s : s + step], i_out[s : s + step] = dist.min(dim=0)
+        return d_out, i_out + start
+
     def _choose(self, ctx: GenerationContext) -> tuple[str, int, NeuronTarget, tuple[float, float], int] | None:
-        """The shallowest layer's (requirement, input) pair closest to being met, never tried before."""
+        """The shallowest layer's (requirement, input) pair closest to being met, never tried before.
+
+        Per layer the best input of every item is kept (``_rank``) and updated with the inputs added since, and for
+        the items tried since (their best input is then out); the answer is that of a scan over all pairs.
+        """
         metric = ctx.metric
         st = self._structure
         assert st is not None
@@ -541,34 +614,31 @@ class Concolic(TestGenerator):
             first = metric.first.get(layer)
             if first is None or not bool((first < 0).any()):
                 continue
-            neurons, lower, upper, ok = self._table(ctx, layer)
+            _, lower, upper, ok = self._table(ctx, layer)
+            n = self._values[layer].shape[0]
+            if layer not in self._rank:
+                every = torch.arange(ok.numel(), device=ok.device)
+                self._rank[layer] = (*self._distances(layer, every, 0), n)
+                self._dirty.pop(layer, None)
+            d_best, i_best, seen = self._rank[layer]
+            if seen < n:  # inputs added since: a strictly closer one takes over (ties keep the earlier input)
+                d_new, i_new = self._distances(layer, torch.arange(ok.numel(), device=ok.device), seen)
+                better = d_new < d_best
+                d_best, i_best = torch.where(better, d_new, d_best), torch.where(better, i_new, i_best)
+            dirty = self._dirty.pop(layer, set())
+            if dirty:
+                again = torch.tensor(sorted(dirty), dtype=torch.long, device=ok.device)
+                d_best[again], i_best[again] = self._distances(layer, again, 0)
+            self._rank[layer] = (d_best, i_best, n)
             open_mask = (first.to(ok.device) < 0) & ok
-            for (la, item), n in self._tried.items():
-                if la == layer and n >= self.tries:
-                    open_mask[item] = False
-            items = open_mask.nonzero().flatten()
-            if items.numel() == 0:
+            closed = [item for (la, item), k in self._tried.items() if la == layer and k >= self.tries]
+            if closed:
+                open_mask[closed] = False
+            d = torch.where(open_mask, d_best, math.inf)
+            item = int(torch.argmin(d))
+            if not math.isfinite(float(d[item])):
                 continue
-            values = self._values[layer]  # (N, P)
-            inhibited = self._inhibited.get(layer, {})
-            best: tuple[float, int, int] | None = None  # (distance, item, input)
-            step = max(1, 2**22 // max(1, values.shape[0]))
-            for s in range(0, items.numel(), step):
-                chunk = items[s : s + step]
-                v = values[:, neurons[chunk]].double()  # (N, Q)
-                dist = (lower[chunk] - v).clamp(min=0) + (v - upper[chunk]).clamp(min=0)
-                for item, inputs in inhibited.items():  # pairs tried before are out
-                    q = int(torch.searchsorted(chunk, torch.tensor(item, device=chunk.device)))
-                    if q < chunk.numel() and int(chunk[q]) == item:
-                        dist[sorted(inputs), q] = math.inf
-                per_item, arg = dist.min(dim=0)
-                q = int(torch.argmin(per_item))
-                d = float(per_item[q])
-                if math.isfinite(d) and (best is None or d < best[0]):
-                    best = (d, int(chunk[q]), int(arg[q]))
-            if best is None:
-                continue
-            _, item, i = best
+            i = int(i_best[item])
             return layer, item, metric.target(layer, item), (float(lower[item]), float(upper[item])), i
         return None
 
@@ -584,21 +654,13 @@ class Concolic(TestGenerator):
         return lo, hi
 
     # -- L-infinity: linear programming ------------------------------------------------------------------------
-    def _linearize(self, ctx: GenerationContext, i: int, x0: Tensor) -> dict[tuple[int, str], _Linear]:
-        """``{(call, "in" | "out"): (values (K,), Jacobian (K, D), per-sample shape)}`` at input ``i`` (``x0``).
-
-        The calls read are every ReLU-like and max-pooling call (their input) and every layer under test (its value,
-        see :class:`_Structure`). Cached for the latest input.
-        """
-        ctx.model.queries += 1  # one linearisation: one forward pass with derivatives
-        if self._lin is not None and self._lin[0] == i:
-            return self._lin[1]
+    def _forward(self, ctx: GenerationContext, x0: Tensor, wanted: set[tuple[int, str]]) -> Callable[..., Any]:
+        """``f(x_flat) -> values of the wanted calls`` (in sorted order), the forward pass stopped after the last."""
         st = self._structure
         assert st is not None
         root = ctx.model.model
-        wanted = {(k, "in") for k, c in enumerate(st.calls) if isinstance(c.module, (*_RELU, *_MAXPOOL))}
-        wanted |= {(k, st.read[la]) for la, k in st.target_call.items()}
         order = sorted(wanted)
+        last = order[-1][0]
         names = {c.name for c in st.calls}
         shape = tuple(x0.shape)
 
@@ -612,31 +674,198 @@ class Concolic(TestGenerator):
                 for how in ("in", "out"):
                     if (k, how) in wanted:
                         got[(k, how)] = _first(inputs if how == "in" else output)[0]
+                if k >= last:
+                    raise _Stop  # nothing after the last wanted call is needed
 
-            with _hooks(root, names, fn):
-                root(xf.view(1, *shape))
+            try:
+                with _hooks(root, names, fn):
+                    root(xf.view(1, *shape))
+            except _Stop:
+                pass
             return tuple(got[k] for k in order)
 
-        x_flat = x0.detach().flatten()
-        d = x_flat.numel()
-        with torch.no_grad():
-            primal = f(x_flat)
-        size = sum(p.numel() for p in primal)
-        chunk = max(1, min(d, 2**25 // max(1, size)))
-        basis = torch.eye(d, dtype=x_flat.dtype, device=x_flat.device)
-        from torch.func import jvp, vmap
+        return f
 
-        with warnings.catch_warnings():
-            # torch loads its forward-AD decompositions with the deprecated torch.jit.script (once per process)
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-            tangents = vmap(lambda v: jvp(f, (x_flat,), (v,))[1], chunk_size=chunk)(basis)
-        out: dict[tuple[int, str], _Linear] = {}
-        for k, p, j in zip(order, primal, tangents):
-            val = p.detach().flatten().double().cpu().numpy()
-            jac = j.detach().reshape(d, -1).T.double().cpu().numpy()
-            out[k] = (val, jac, tuple(p.shape))
-        self._lin = (i, out)
-        return out
+    def _linearize(
+        self, ctx: GenerationContext, i: int, x0: Tensor, layer: str, columns: Tensor | None = None
+    ) -> dict[tuple[int, str], _Linear]:
+        """``{(call, "in"): (values (K,), Jacobian (K, D), per-sample shape)}`` of the ReLU-like and max-pooling calls
+        that ``layer``'s value depends on, at input ``i`` (``x0``), in the model's dtype.
+
+        Forward-mode differentiation (``jvp`` batched over the input's basis with ``vmap``), the forward pass cut
+        after the deepest call needed. Cached for the latest input and extended when a deeper layer needs more.
+        With ``columns`` (input indices) only those columns of the Jacobians are computed (K, len(columns)), not
+        cached.
+        """
+        ctx.model.queries += 1  # one linearisation: one forward pass with derivatives
+        st = self._structure
+        assert st is not None
+        if columns is None and (self._lin is None or self._lin[0] != i):
+            self._lin = (i, {})
+        have: dict[tuple[int, str], _Linear] = self._lin[1] if columns is None and self._lin is not None else {}
+        missing = {(k, "in") for k in st.pattern_calls(layer)} - have.keys()
+        if missing:
+            order = sorted(missing)
+            f = self._forward(ctx, x0, missing)
+            x_flat = x0.detach().flatten()
+            d = x_flat.numel()
+            with torch.no_grad():
+                primal = f(x_flat)
+            size = sum(p.numel() for p in primal)
+            basis = torch.eye(d, dtype=x_flat.dtype, device=x_flat.device)
+            if columns is not None:
+                basis = basis[columns]
+            n = basis.shape[0]
+            chunk = max(1, min(n, 2**25 // max(1, size)))
+            from torch.func import jvp, vmap
+
+            with warnings.catch_warnings():
+                # torch loads its forward-AD decompositions with the deprecated torch.jit.script (once per process)
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                tangents = vmap(lambda v: jvp(f, (x_flat,), (v,))[1], chunk_size=chunk)(basis)
+            for k, p, j in zip(order, primal, tangents):
+                have[k] = (p.detach().flatten(), j.detach().reshape(n, -1).T, tuple(p.shape))
+        return have
+
+    def _target_rows(self, ctx: GenerationContext, shp: tuple[int, ...], target: NeuronTarget, device: Any) -> Tensor:
+        """Indices, in the flattened value of the target's layer, of the rows that make up the target (one neuron,
+        or a channel's map)."""
+        j = int(target.neuron)
+        if ctx.metric.granularity == "channel" and len(shp) >= 2:
+            per = int(np.prod(shp[1:]))
+            return torch.arange(j * per, (j + 1) * per, device=device)
+        return torch.tensor([j], device=device)
+
+    def _target_values(
+        self, ctx: GenerationContext, x0: Tensor, layer: str, target: NeuronTarget
+    ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """The values (R,) and input Jacobian (R, D) of the target's rows (:meth:`_target_rows`) and the layer's
+        per-sample shape: reverse mode, one backward pass per row."""
+        st = self._structure
+        assert st is not None
+        full = self._forward(ctx, x0, {(st.target_call[layer], st.read[layer])})
+        x_flat = x0.detach().flatten()
+        with torch.no_grad():
+            shp = tuple(full(x_flat)[0].shape)
+        rows = self._target_rows(ctx, shp, target, x_flat.device)
+        from torch.func import vjp, vmap
+
+        val, pull = vjp(lambda xf: full(xf)[0].flatten()[rows], x_flat)  # type: ignore[misc]
+        basis = torch.eye(rows.numel(), dtype=val.dtype, device=val.device)
+        (jac,) = vmap(pull)(basis)
+        return val.detach(), jac.detach(), shp
+
+    def _cone(self, ctx: GenerationContext, x0: Tensor, layer: str, target: NeuronTarget) -> dict[int, Tensor] | None:
+        """Per pattern call, which of its neurons the target depends on at all (a boolean mask over the call's
+        flattened input; key -1: which input features), or None where that cannot be read (then the whole pattern
+        is encoded).
+
+        Read structurally, whatever the input: the forward pass is run with every ReLU-like call replaced by the
+        identity and every max-pooling call by a sum over its window, so that every path from a neuron to the target
+        is open, and the mask is where the target's gradient with respect to the call's input is non-zero.
+        """
+        st = self._structure
+        assert st is not None
+        pattern = st.pattern_calls(layer)
+        if not pattern:
+            return None
+        if any(isinstance(st.calls[k].module, nn.MaxPool2d) and _pair(st.calls[k].module.dilation) != (1, 1)
+               for k in pattern):  # fmt: skip
+            return None
+        root = ctx.model.model
+        tk, how = st.target_call[layer], st.read[layer]
+        wanted = set(pattern)
+        captured: dict[int, Tensor] = {}
+        got: list[Tensor] = []
+        count = [0]
+
+        def hook(m: nn.Module, inputs: Any, output: Any) -> Any:
+            k = count[0]
+            count[0] += 1
+            inp = _first(inputs)
+            if k in wanted:
+                captured[k] = inp
+            out = None
+            if k <= tk and st.calls[k].leaf and isinstance(m, _RELU):
+                out = inp * 1.0
+            elif k <= tk and st.calls[k].leaf and isinstance(m, nn.MaxPool2d):
+                ks = _pair(m.kernel_size)
+                out = F.avg_pool2d(inp, ks, _pair(m.stride or m.kernel_size), _pair(m.padding)) * (ks[0] * ks[1])
+            if k == tk:
+                got.append(inp if how == "in" else (_first(output) if out is None else out))
+                raise _Stop
+            return out
+
+        handles = [mod.register_forward_hook(hook) for name, mod in root.named_modules() if name in
+                   {c.name for c in st.calls}]  # fmt: skip
+        x = x0.detach().clone().unsqueeze(0).requires_grad_(True)
+        captured[-1] = x
+        try:
+            with torch.enable_grad():
+                try:
+                    root(x)
+                except _Stop:
+                    pass
+                value = got[0][0].flatten()
+                rows = self._target_rows(ctx, tuple(got[0][0].shape), target, value.device)
+                order = sorted(captured)
+                grads = torch.autograd.grad(value[rows].sum(), [captured[k] for k in order], allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        masks: dict[int, Tensor] = {}
+        for k, gr in zip(order, grads):
+            n = captured[k][0].numel()
+            masks[k] = torch.zeros(n, dtype=torch.bool, device=x.device) if gr is None else gr[0].flatten() != 0
+        return masks if set(masks) == wanted | {-1} else None
+
+    def _region(
+        self, ctx: GenerationContext, layer: str, target: NeuronTarget, i: int
+    ) -> tuple[Tensor, Tensor, float, tuple[float, float]]:
+        """:meth:`region` in the model's dtype and device (rows ``(R, D + 1)``, ``g (D,)``)."""
+        self._bind(ctx)
+        self._update_values(ctx)
+        st = self._structure
+        assert st is not None
+        x0 = ctx.seeds[i] if i < ctx.seeds.shape[0] else ctx.tests[i - ctx.seeds.shape[0]]
+        cone = self._cone(ctx, x0, layer, target) if self.region_mode == "cone" else None
+        xf = x0.detach().flatten()
+        d = xf.numel()
+        # with a cone, the rows are built on the input features the target depends on only (the Jacobians of the
+        # cone's neurons are zero elsewhere), then widened to all D
+        cols = None if cone is None else cone[-1].nonzero().flatten()
+        lin = self._linearize(ctx, i, x0, layer, cols)
+        xs = xf if cols is None else xf[cols]
+        rows: list[Tensor] = []
+        for k in st.pattern_calls(layer):
+            val, jac, shp = lin[(k, "in")]
+            keep = None if cone is None else cone[k]
+            m = st.calls[k].module
+            if isinstance(m, _RELU):
+                if keep is not None:
+                    val, jac = val[keep], jac[keep]
+                c = val - jac @ xs
+                sign = torch.where(val > 0, 1.0, -1.0).to(val.dtype)
+                rows.append(torch.cat([jac * sign[:, None], (c * sign)[:, None]], dim=1))
+            else:
+                rows.append(_maxpool_rows(m, val, jac, val - jac @ xs, shp, keep))
+        if cols is not None:
+            for r, part in enumerate(rows):
+                wide = part.new_zeros((part.shape[0], d + 1))
+                wide[:, cols] = part[:, :-1]
+                wide[:, d] = part[:, -1]
+                rows[r] = wide
+        rows.insert(0, xf.new_zeros((0, d + 1)))
+        val, jac, shp = self._target_values(ctx, x0, layer, target)
+        g, c0, channel_rows = _target_row(
+            target, ctx.metric.granularity, st.slope[layer], val, jac, val - jac @ xf, shp
+        )
+        if channel_rows is not None:
+            rows.append(channel_rows)
+        bounds = _pre_interval(target, st.slope[layer]) or (math.inf, -math.inf)
+        if st.slope[layer] is not None and ctx.metric.granularity == "channel" and len(shp) >= 2:
+            bounds = (float(target.lower), float(target.upper))  # the channel's mean, not one pre-activation
+        return torch.cat(rows), g, c0, bounds
 
     def region(
         self, ctx: GenerationContext, layer: str, target: NeuronTarget, i: int
@@ -648,33 +877,8 @@ class Concolic(TestGenerator):
         before ``layer``, and for a channel target the pattern of that channel); ``g·x + c0`` is the target's value
         on the region (its pre-activation for a ReLU-like layer), to be brought into ``(lower, upper]``.
         """
-        self._bind(ctx)
-        self._update_values(ctx)
-        st = self._structure
-        assert st is not None
-        x0 = ctx.seeds[i] if i < ctx.seeds.shape[0] else ctx.tests[i - ctx.seeds.shape[0]]
-        lin = self._linearize(ctx, i, x0)
-        xf = x0.detach().flatten().double().cpu().numpy()
-        rows: list[np.ndarray] = [np.zeros((0, xf.size + 1))]
-        for k in st.pattern_calls(layer):
-            val, jac, shp = lin[(k, "in")]
-            c = val - jac @ xf
-            m = st.calls[k].module
-            if isinstance(m, _RELU):
-                sign = np.where(val > 0, 1.0, -1.0)
-                rows.append(np.hstack([jac * sign[:, None], (c * sign)[:, None]]))
-            else:
-                rows.append(_maxpool_rows(m, val, jac, c, shp))
-        val, jac, shp = lin[(st.target_call[layer], st.read[layer])]
-        g, c0, channel_rows = _target_row(
-            target, ctx.metric.granularity, st.slope[layer], val, jac, val - jac @ xf, shp
-        )
-        if channel_rows is not None:
-            rows.append(channel_rows)
-        bounds = _pre_interval(target, st.slope[layer]) or (math.inf, -math.inf)
-        if st.slope[layer] is not None and ctx.metric.granularity == "channel" and len(shp) >= 2:
-            bounds = (float(target.lower), float(target.upper))  # the channel's mean, not one pre-activation
-        return np.vstack(rows), g, c0, bounds
+        rows, g, c0, bounds = self._region(ctx, layer, target, i)
+        return rows.double().cpu().numpy(), g.double().cpu().numpy(), c0, bounds
 
     def _solve_lp(
         self, ctx: GenerationContext, layer: str, target: NeuronTarget, i: int, x0: Tensor, lo: Tensor, hi: Tensor
@@ -682,43 +886,48 @@ class Concolic(TestGenerator):
         from scipy import sparse
         from scipy.optimize import linprog
 
-        pattern, g, c0, (lo_t, hi_t) = self.region(ctx, layer, target, i)
+        pattern, g, c0, (lo_t, hi_t) = self._region(ctx, layer, target, i)
         xf = x0.detach().flatten().double().cpu().numpy()
-        lo_n = lo.flatten().double().cpu().numpy()
-        hi_n = hi.flatten().double().cpu().numpy()
         d = xf.size
-        if not g.any() or not lo_t < hi_t:
+        if not bool(g.any()) or not lo_t < hi_t:
             return None, "infeasible", None, 0  # the target is constant on the region
         margin = self.margin
         if math.isfinite(lo_t) and math.isfinite(hi_t):
             margin = min(margin, (hi_t - lo_t) / 4)
         rows = [pattern]
         if math.isfinite(lo_t):
-            rows.append(np.hstack([g, [c0 - lo_t - margin]])[None, :])
+            rows.append(torch.cat([g, g.new_tensor([c0 - lo_t - margin])])[None, :])
         if math.isfinite(hi_t):
-            rows.append(np.hstack([-g, [hi_t - margin - c0]])[None, :])
-        a = np.vstack(rows)
+            rows.append(torch.cat([-g, g.new_tensor([hi_t - margin - c0])])[None, :])
+        a = torch.cat(rows)
         gmat, cvec = a[:, :d], a[:, d]
-        # rows that cannot bind inside the box (their minimum over it is >= 0) are dropped; so are constant ones
-        nonzero = np.abs(gmat).max(axis=1, initial=0.0) > 0
+        # Rows that cannot bind inside the box (their minimum over it is >= 0) are dropped, as are constant ones.
+        # The test is made in the model's precision with a relative slack, so a row is only dropped when it is
+        # clearly slack; the target rows are always kept.
+        lo_b, hi_b = lo.flatten().to(a), hi.flatten().to(a)
+        scale = cvec.abs() + gmat.abs() @ torch.maximum(lo_b.abs(), hi_b.abs())
+        nonzero = gmat.abs().amax(dim=1) > 0
         if bool(((~nonzero) & (cvec < 0)).any()):
             return None, "infeasible", None, 0
-        box_min = cvec + np.clip(gmat, 0, None) @ lo_n + np.clip(gmat, None, 0) @ hi_n
-        keep = nonzero & (box_min < 0)
-        gmat, cvec = gmat[keep], cvec[keep]
-        r = gmat.shape[0]
+        box_min = cvec + gmat.clamp(min=0) @ lo_b + gmat.clamp(max=0) @ hi_b
+        keep = nonzero & (box_min < 1e-5 * scale)
+        keep[pattern.shape[0] :] = True
+        gmat_n = gmat[keep].double().cpu().numpy()
+        cvec_n = cvec[keep].double().cpu().numpy()
+        lo_n, hi_n = lo_b.double().cpu().numpy(), hi_b.double().cpu().numpy()
+        r = gmat_n.shape[0]
         # variables z = [x (D), t]; A_ub z <= b_ub:  -a·x <= b;  x - t <= x0;  -x - t <= -x0
         eye = sparse.identity(d, format="csr")
         col = sparse.csr_matrix(np.ones((d, 1)))
         a_ub = sparse.vstack(
             [
-                sparse.hstack([sparse.csr_matrix(-gmat), sparse.csr_matrix((r, 1))]),
+                sparse.hstack([sparse.csr_matrix(-gmat_n), sparse.csr_matrix((r, 1))]),
                 sparse.hstack([eye, -col]),
                 sparse.hstack([-eye, -col]),
             ],
             format="csr",
         )
-        b_ub = np.concatenate([cvec, xf, -xf])
+        b_ub = np.concatenate([cvec_n, xf, -xf])
         cost = np.zeros(d + 1)
         cost[d] = 1.0
         bounds = np.vstack([np.column_stack([lo_n, hi_n]), [[0.0, np.inf]]])
@@ -822,25 +1031,31 @@ class Concolic(TestGenerator):
         return x.view(shape), "solved", float((x != flat).sum())
 
 
-def _maxpool_rows(m: nn.Module, val: np.ndarray, jac: np.ndarray, c: np.ndarray, shp: tuple[int, ...]) -> np.ndarray:
-    """Rows ``u_argmax - u_other >= 0`` keeping each max-pooling window's argmax (input of shape (C, H, W))."""
+def _maxpool_rows(
+    m: nn.Module, val: Tensor, jac: Tensor, c: Tensor, shp: tuple[int, ...], keep: Tensor | None = None
+) -> Tensor:
+    """Rows ``u_argmax - u_other >= 0`` keeping each max-pooling window's argmax (input of shape (C, H, W)); with
+    ``keep`` (a mask over the input's elements) only the rows of which both elements are kept."""
     assert isinstance(m, nn.MaxPool2d)
     ch, h, w = shp
-    u = torch.as_tensor(val).view(1, ch, h, w)
+    u = val.detach().view(1, ch, h, w)
     k, s, p, dil = (_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation))
     _, idx = F.max_pool2d(u, k, s, p, dil, ceil_mode=False, return_indices=True)  # (1, C, Ho, Wo)
-    pos = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)
+    dev = val.device
+    pos = torch.arange(h * w, dtype=torch.float64, device=dev).view(1, 1, h, w)
     pos = F.pad(pos, (p[1], p[1], p[0], p[0]), value=-1.0)
     win = F.unfold(pos, k, dilation=dil, stride=s)[0].long()  # (kk, L): window members, -1 for padding
     arg = idx.view(ch, -1)  # (C, L)
-    base = (torch.arange(ch) * h * w)[:, None, None]
+    base = (torch.arange(ch, device=dev) * h * w)[:, None, None]
     a = (base + arg[:, None, :]).expand(ch, win.shape[0], arg.shape[1])
     e = base + win[None, :, :]
     ok = (win[None, :, :] >= 0) & (win[None, :, :] != arg[:, None, :])
-    ai, ei = a[ok].numpy(), e[ok].numpy()
-    if ai.size == 0:
-        return np.zeros((0, jac.shape[1] + 1))
-    return np.hstack([jac[ai] - jac[ei], (c[ai] - c[ei])[:, None]])
+    if keep is not None:
+        ok &= keep[a] & keep[e.clamp(min=0)]
+    ai, ei = a[ok], e[ok]
+    if ai.numel() == 0:
+        return jac.new_zeros((0, jac.shape[1] + 1))
+    return torch.cat([jac[ai] - jac[ei], (c[ai] - c[ei])[:, None]], dim=1)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -851,27 +1066,26 @@ def _target_row(
     target: NeuronTarget,
     granularity: str,
     slope: float | None,
-    val: np.ndarray,
-    jac: np.ndarray,
-    c: np.ndarray,
+    val: Tensor,
+    jac: Tensor,
+    c: Tensor,
     shp: tuple[int, ...],
-) -> tuple[np.ndarray, float, np.ndarray | None]:
+) -> tuple[Tensor, float, Tensor | None]:
     """The target's value as ``g·x + c0`` and, for a channel of a ReLU layer, the rows fixing that channel's pattern.
 
-    Element neurons: the pre-activation of a ReLU-like layer (its requirement translated by :func:`_pre_interval`),
-    the output otherwise. Channel neurons (``granularity="channel"`` on a map): the spatial mean; for a ReLU-like
-    layer the mean of the outputs under the channel's current pattern (exact while the pattern holds), or, with no
-    upper bound, the mean of the pre-activations, whose exceeding the bound implies the outputs' does.
+    ``val``, ``jac`` and ``c`` are the target's rows only (:meth:`Concolic._target_values`): one for an element
+    neuron, the channel's map for a channel neuron. Element neurons: the pre-activation of a ReLU-like layer (its
+    requirement translated by :func:`_pre_interval`), the output otherwise. Channel neurons (``granularity="channel"``
+    on a map): the spatial mean; for a ReLU-like layer the mean of the outputs under the channel's current pattern
+    (exact while the pattern holds), or, with no upper bound, the mean of the pre-activations, whose exceeding the
+    bound implies the outputs' does.
     """
-    j = int(target.neuron)
     if granularity != "channel" or len(shp) < 2:
-        return jac[j], float(c[j]), None
-    per = int(np.prod(shp[1:]))
-    sl = slice(j * per, (j + 1) * per)
+        return jac[0], float(c[0]), None
     if slope is None or math.isinf(float(target.upper)):
-        return jac[sl].mean(axis=0), float(c[sl].mean()), None
-    active = val[sl] > 0
-    factor = np.where(active, 1.0, slope)
-    sign = np.where(active, 1.0, -1.0)
-    rows = np.hstack([jac[sl] * sign[:, None], (c[sl] * sign)[:, None]])
-    return (jac[sl] * factor[:, None]).mean(axis=0), float((c[sl] * factor).mean()), rows
+        return jac.mean(dim=0), float(c.mean()), None
+    active = val > 0
+    factor = torch.where(active, 1.0, slope).to(val.dtype)
+    sign = torch.where(active, 1.0, -1.0).to(val.dtype)
+    rows = torch.cat([jac * sign[:, None], (c * sign)[:, None]], dim=1)
+    return (jac * factor[:, None]).mean(dim=0), float((c * factor).mean()), rows

@@ -316,6 +316,7 @@ REGISTRY_TABLE: dict[str, tuple[dict, ThreatModel]] = {
     "apgd-t": ({"steps": 10, "n_target_classes": 3}, LpBall("linf", 0.15)),
     "square": ({"queries": 100}, LpBall("linf", 0.15)),
     "jsma": ({}, LpBall("l0", 10)),
+    "l0-tre": ({"max_features": 20}, LpBall("l0", 10)),
     "deepfool": ({"steps": 20}, LpBall("l2", float("inf"))),
     "cw-l2": ({"binary_search_steps": 3, "steps": 50, "lr": 0.1, "initial_const": 1.0}, LpBall("l2", float("inf"))),
     "ead": ({"binary_search_steps": 3, "steps": 50, "lr": 0.1, "initial_const": 1.0}, LpBall("l1", float("inf"))),

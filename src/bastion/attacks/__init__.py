@@ -15,6 +15,7 @@ from bastion.attacks.ead import EAD
 from bastion.attacks.fab import FAB, FABT
 from bastion.attacks.fgsm import FGM, FGSM
 from bastion.attacks.jsma import JSMA
+from bastion.attacks.l0tre import L0TRE
 from bastion.attacks.lbfgs import LBFGS
 from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
@@ -42,6 +43,7 @@ __all__ = [
     "FGM",
     "FGSM",
     "JSMA",
+    "L0TRE",
     "LBFGS",
     "PGD",
     "AdversarialPatch",

@@ -5,7 +5,9 @@ Every command parses its arguments, makes one call of the API, shows progress an
 
 One module per command group, each registering its commands with ``add_parsers(sub, fmt)``: :mod:`.evaluate`
 (demo, evaluate, runs, attacks), :mod:`.smooth`, :mod:`.train` and :mod:`.verify` (certify, assess, vnncomp);
-:mod:`.testing` (test coverage, test generate); :mod:`.common` holds what they share.
+:mod:`.testing` (test coverage, test generate); :mod:`.globalopt` (verify-global); :mod:`.estimate` (estimate clever,
+estimate splitting);
+:mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from bastion.cli import evaluate, smooth, testing, train, verify
+from bastion.cli import estimate, evaluate, globalopt, smooth, testing, train, verify
 from bastion.cli.evaluate import demo_model
 from bastion.errors import BastionError
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    for group in (evaluate, smooth, train, verify, testing):
+    for group in (evaluate, smooth, train, verify, globalopt, testing, estimate):
         group.add_parsers(sub, fmt)
     return parser
 

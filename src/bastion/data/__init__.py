@@ -9,7 +9,7 @@ ever downloaded.
 
 from __future__ import annotations
 
-from bastion.data.dataset import Dataset
+from bastion.data.dataset import Dataset, as_dataset
 from bastion.data.loaders import (
     load_cifar10,
     load_csv,
@@ -24,6 +24,7 @@ from bastion.data.validation import validate_arrays
 
 __all__ = [
     "Dataset",
+    "as_dataset",
     "load_cifar10",
     "load_csv",
     "load_data",

@@ -13,7 +13,7 @@ import torch
 from bastion.data.validation import validate_arrays
 from bastion.errors import DataError, InputError
 
-__all__ = ["Dataset", "IndexLike"]
+__all__ = ["Dataset", "IndexLike", "as_dataset"]
 
 IndexLike: TypeAlias = slice | Sequence[int] | np.ndarray | torch.Tensor
 
@@ -271,3 +271,19 @@ def _hash_positions(n: int, seed: int) -> np.ndarray:
         z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
         z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
         return z ^ (z >> np.uint64(31))
+
+
+def as_dataset(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> Dataset:
+    """``data`` as a :class:`Dataset`: a Dataset as it is, a pair ``(x, y)`` wrapped (classes: ``max(y) + 1``).
+
+    Raises:
+        InputError: anything else.
+    """
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise InputError("data must be a bastion Dataset or a pair (x, y)")
+        y = torch.as_tensor(data[1])
+        return Dataset(data[0], y, num_classes=int(y.max()) + 1 if y.numel() else 1, name="tensors")
+    if not isinstance(data, Dataset):
+        raise InputError(f"data must be a bastion Dataset or a pair (x, y), got {type(data).__name__}")
+    return data

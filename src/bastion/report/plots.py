@@ -151,3 +151,46 @@ def plot_coverage_history(
     ax.legend()
     ax.set_title(title or "Coverage during test generation")
     return _save(fig, path)
+
+
+def plot_bounds_history(
+    lower: Sequence[float], upper: Sequence[float], path: str | Path, *, ylabel: str = "bound",
+    title: str | None = None,
+) -> Path:  # fmt: skip
+    """Plot converging lower and upper bounds against iterations (DeepGO's ``history_lower``/``history_upper`` for
+    one sample, DeepGame's ``history``, L0-TRE's per-level bounds); the gap between them is shaded.
+
+    Args:
+        lower: the lower bound after each iteration.
+        upper: the upper bound after each iteration (``inf`` where none is known yet: not drawn).
+        path: where to write the figure (the format follows the suffix).
+        ylabel: what is bounded (e.g. "minimal l2 distance", "logit minimum").
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    lo, hi = [float(v) for v in lower], [float(v) for v in upper]
+    if not lo or len(lo) != len(hi):
+        raise InputError(f"lower and upper must be non-empty and of one length, got {len(lo)} and {len(hi)}")
+    steps = list(range(1, len(lo) + 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, lo, label="lower bound", color="tab:blue")
+    finite = [(s, h) for s, h in zip(steps, hi) if math.isfinite(h)]
+    if finite:
+        ax.plot([s for s, _ in finite], [h for _, h in finite], label="upper bound", color="tab:red")
+        gap = [(s, lo[s - 1], h) for s, h in finite]
+        ax.fill_between([g[0] for g in gap], [g[1] for g in gap], [g[2] for g in gap], color="tab:grey", alpha=0.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Converging bounds")
+    return _save(fig, path)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from bastion.attacks.base import Attack
 from bastion.attacks.presets import preset
-from bastion.data import Dataset
+from bastion.data import Dataset, as_dataset
 from bastion.errors import InputError
 from bastion.evaluate import attack_names
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
@@ -49,7 +49,6 @@ from bastion.verify.bab import verify as bab_verify
 from bastion.verify.bounds import BoundOptions
 from bastion.verify.certify import (
     CLEAN,
-    _as_dataset,
     _check_threat,
     certified_radius,
     check_method,
@@ -200,7 +199,7 @@ def assess(
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    data = _as_dataset(data)
+    data = as_dataset(data)
     threat = _check_threat(threat)
     if threat.domain != data.domain:
         raise InputError(f"threat {threat!r} has domain {threat.domain} but the data's domain is {data.domain}")

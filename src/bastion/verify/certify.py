@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bastion.data import Dataset
+from bastion.data import Dataset, as_dataset
 from bastion.errors import InputError
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
 from bastion.results import SampleRecord
@@ -362,17 +362,6 @@ def summarize_certify(
     return CertifyResult(n, threat, method, clean, cert, mean, mine)
 
 
-def _as_dataset(data: Dataset | tuple[Tensor, Tensor]) -> Dataset:
-    if isinstance(data, tuple):
-        if len(data) != 2:
-            raise InputError("data must be a bastion Dataset or a pair (x, y)")
-        y = torch.as_tensor(data[1])
-        return Dataset(data[0], y, num_classes=int(y.max()) + 1 if y.numel() else 1, name="tensors")
-    if not isinstance(data, Dataset):
-        raise InputError(f"data must be a bastion Dataset or a pair (x, y), got {type(data).__name__}")
-    return data
-
-
 def certify(
     model: nn.Module,
     data: Dataset | tuple[Tensor, Tensor],
@@ -418,7 +407,7 @@ def certify(
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    data = _as_dataset(data)
+    data = as_dataset(data)
     threat = _check_threat(threat)
     name = check_method(method)
     if threat.domain != data.domain:

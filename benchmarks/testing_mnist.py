@@ -129,7 +129,7 @@ def generator_table(models: dict[str, nn.Module], split: common.Split, args: arg
         for model_name, model in models.items():
             threat = None if method == "deepxplore" else LpBall("linf", args.eps)
             if method == "concolic":
-                options = {**options, "tries": args.tries, "norm": args.concolic_norm}
+                options = {**options, "tries": args.tries, "norm": args.concolic_norm, "ascent": args.ascent}
             t0 = time.perf_counter()
             suite = generate_tests(model, seeds, "nc", method, threat=threat, budget=args.iterations, seed=0,
                                    progress=args.progress, **options)  # fmt: skip
@@ -201,6 +201,7 @@ def main() -> None:
         default="linf",
         help="concolic: the l∞ linear program or the L0 heuristic (tests stay in the l∞ --eps ball)",
     )
+    ap.add_argument("--ascent", type=int, default=0, help="concolic: gradient steps before a second LP (0: off)")
     ap.add_argument("--speed-n", type=int, default=100, help="inputs of the speed comparison")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--progress", action="store_true")

@@ -519,7 +519,13 @@ def test_unsupported_networks_and_options_are_refused() -> None:
     fn = Functional().eval()
     with pytest.raises(InputError, match=r"nonlinear function 'relu'"):
         run_generator(fn, data.x, data.y, NeuronCoverage(), Concolic(), budget=Budget(iterations=2), progress=False)
-    for bad in ({"norm": "l2"}, {"margin": -1.0}, {"tries": 0}, {"time_limit": 0}, {"l0_values": 1}):
+    inplace = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)).eval()
+    with pytest.raises(InputError, match=r"in-place ReLU"):
+        run_generator(inplace, data.x, data.y, NeuronCoverage(layers=["1"]), Concolic(), budget=Budget(iterations=2),
+                      progress=False)  # fmt: skip
+    bad_options = ({"norm": "l2"}, {"margin": -1.0}, {"tries": 0}, {"time_limit": 0}, {"l0_values": 1},
+                   {"region": "all"}, {"ascent": -1}, {"ascent": 2.5})  # fmt: skip
+    for bad in bad_options:
         with pytest.raises(InputError):
             Concolic(**bad)  # type: ignore[arg-type]
     assert GENERATORS["concolic"] is Concolic

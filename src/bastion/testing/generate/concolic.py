@@ -230,6 +230,11 @@ class _Structure:
             if isinstance(m, nn.LeakyReLU) and not 0.0 <= m.negative_slope <= 1.0:
                 raise InputError(f"module {c.name!r}: LeakyReLU slopes outside [0, 1] are not supported")
             if isinstance(m, _RELU):
+                if getattr(m, "inplace", False):
+                    raise InputError(
+                        f"module {c.name!r} is an in-place {type(m).__name__}: its hooks see the activation, not the "
+                        "pre-activation the linear program needs; build it with inplace=False"
+                    )
                 continue
             if isinstance(m, nn.MaxPool2d):
                 if m.ceil_mode or m.return_indices:

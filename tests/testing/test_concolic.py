@@ -355,6 +355,17 @@ def test_the_ascent_restart_solves_more_requirements_and_each_solution_meets_its
     assert plain_solved >= 5 and more >= 8  # 7 and 12 of 76 requirements at the time of writing
 
 
+@pytest.mark.parametrize("queries", [7, 40, 150])
+def test_the_ascent_keeps_within_the_query_budget(queries: int) -> None:
+    net = _conv_net(1)
+    torch.manual_seed(5)
+    data = _data(net, torch.rand(4, 1, 6, 6))
+    res = run_generator(net, data.x, data.y, NeuronCoverage(layers=["7"]), Concolic(ascent=20),
+                        threat=LpBall("linf", 0.3), budget=Budget(iterations=None, queries=queries),
+                        progress=False)  # fmt: skip
+    assert res.queries <= queries
+
+
 class Band(CoverageMetric):
     """A hand-made interval criterion: neuron value in (lo, hi]."""
 

@@ -398,6 +398,7 @@ class Concolic(TestGenerator):
         self._inhibited: dict[str, dict[int, set[int]]] = {}  # layer -> item -> inputs already tried on it
         self._reads: list[int] = []  # batch sizes of the ranking-value reads so far (see _update_values)
         self._last: Attempt | None = None
+        self._budget_end = 0  # the query count at which this iteration's budget ends (see propose)
         self._drop_cache()
 
     def _drop_cache(self) -> None:
@@ -450,6 +451,7 @@ class Concolic(TestGenerator):
         n_inputs = ctx.seeds.shape[0] + ctx.tests.shape[0]
         new = max(0, n_inputs - max(sum(self._reads), self._cached()))
         left = ctx.queries_left
+        self._budget_end = 0 if left is None else ctx.model.queries + left
         if left is not None and new + 2 > left:
             return None
         self._update_values(ctx)
@@ -908,17 +910,20 @@ class Concolic(TestGenerator):
             return got
         # the region of x0 cannot meet the requirement: climb the target's value by gradient steps in the box and
         # solve again over the region reached (the closest point to x0 there), when the climb got there
-        x1 = self._ascend(ctx, layer, target, x0, lo, hi)
+        # the climb (steps + 1 passes), the second linearisation and the loop's re-execution stay within the budget
+        left = None if ctx.queries_left is None else self._budget_end - ctx.model.queries
+        steps = self.ascent if left is None else min(self.ascent, left - 3)
+        x1 = self._ascend(ctx, layer, target, x0, lo, hi, steps) if steps > 0 else None
         if x1 is None:
             return got
         again = self._lp(ctx, layer, target, i, x0, lo, hi, x1)
         return again if again[1] == "solved" else got
 
     def _ascend(
-        self, ctx: GenerationContext, layer: str, target: NeuronTarget, x0: Tensor, lo: Tensor, hi: Tensor
+        self, ctx: GenerationContext, layer: str, target: NeuronTarget, x0: Tensor, lo: Tensor, hi: Tensor, steps: int
     ) -> Tensor | None:
-        """Signed-gradient ascent (``ascent`` steps of 2.5 / ``ascent`` of the box's half-width, projected onto the
-        box) on the target's distance to its requirement; the first point that meets it, or None."""
+        """Signed-gradient ascent (at most ``steps`` steps of 2.5 / ``ascent`` of the box's half-width, projected onto
+        the box) on the target's distance to its requirement; the first point that meets it, or None."""
         st = self._structure
         assert st is not None
         f = self._forward(ctx, x0, {(st.target_call[layer], st.read[layer])})
@@ -932,7 +937,7 @@ class Concolic(TestGenerator):
         step = 2.5 * float((hi_f - lo_f).max()) / 2 / self.ascent
         x = x0.detach().flatten().clone()
         rows: Tensor | None = None
-        for _ in range(self.ascent):
+        for _ in range(steps):
             ctx.model.queries += 1  # one forward and backward pass
             x.requires_grad_(True)
             with torch.enable_grad():
@@ -945,6 +950,7 @@ class Concolic(TestGenerator):
                 gap = (lo_t - v).clamp(min=0) + (v - hi_t).clamp(min=0)
                 (grad,) = torch.autograd.grad(-gap, x)
             x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), lo_f), hi_f)
+        ctx.model.queries += 1
         with torch.no_grad():
             assert rows is not None
             v = f(x)[0].flatten()[rows].mean()

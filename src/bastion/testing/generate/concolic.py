@@ -908,9 +908,9 @@ class Concolic(TestGenerator):
         got = self._lp(ctx, layer, target, i, x0, lo, hi, None)
         if got[1] != "infeasible" or self.ascent == 0:
             return got
-        # the region of x0 cannot meet the requirement: climb the target's value by gradient steps in the box and
-        # solve again over the region reached (the closest point to x0 there), when the climb got there
-        # the climb (steps + 1 passes), the second linearisation and the loop's re-execution stay within the budget
+        # x0's region cannot meet the requirement: climb the target's value by gradient steps in the box and, when
+        # the climb gets there, solve again over the region reached (the closest point to x0 there). The climb
+        # (steps + 1 passes), the second linearisation and the loop's re-execution stay within the query budget.
         left = None if ctx.queries_left is None else self._budget_end - ctx.model.queries
         steps = self.ascent if left is None else min(self.ascent, left - 3)
         x1 = self._ascend(ctx, layer, target, x0, lo, hi, steps) if steps > 0 else None

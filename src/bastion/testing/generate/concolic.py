@@ -288,13 +288,15 @@ def _functional_check(root: nn.Module, layers: list[str]) -> None:
 
 
 @contextmanager
-def _hooks(root: nn.Module, names: set[str], fn: Callable[[str, nn.Module, Any, Any], None]) -> Iterator[None]:
+def _hooks(root: nn.Module, names: set[str], fn: Callable[[str, nn.Module, Any, Any], Any]) -> Iterator[None]:
+    """Forward hooks calling ``fn(name, module, inputs, output)`` on the modules ``names``; a value ``fn`` returns
+    replaces the module's output (as a forward hook's does)."""
     modules = dict(root.named_modules())
     handles = []
     for name in names:
 
-        def hook(m: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
-            fn(name, m, inputs, output)
+        def hook(m: nn.Module, inputs: Any, output: Any, name: str = name) -> Any:
+            return fn(name, m, inputs, output)
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
@@ -798,7 +800,7 @@ class Concolic(TestGenerator):
         got: list[Tensor] = []
         count = [0]
 
-        def hook(m: nn.Module, inputs: Any, output: Any) -> Any:
+        def hook(name: str, m: nn.Module, inputs: Any, output: Any) -> Any:
             k = count[0]
             count[0] += 1
             inp = _first(inputs)
@@ -815,23 +817,18 @@ class Concolic(TestGenerator):
                 raise _Stop
             return out
 
-        handles = [mod.register_forward_hook(hook) for name, mod in root.named_modules() if name in
-                   {c.name for c in st.calls}]  # fmt: skip
         x = x0.detach().clone().unsqueeze(0).requires_grad_(True)
         captured[-1] = x
-        try:
-            with torch.enable_grad():
-                try:
+        with torch.enable_grad():
+            try:
+                with _hooks(root, {c.name for c in st.calls}, hook):
                     root(x)
-                except _Stop:
-                    pass
-                value = got[0][0].flatten()
-                rows = self._target_rows(ctx, tuple(got[0][0].shape), target, value.device)
-                order = sorted(captured)
-                grads = torch.autograd.grad(value[rows].sum(), [captured[k] for k in order], allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+            except _Stop:
+                pass
+            value = got[0][0].flatten()
+            rows = self._target_rows(ctx, tuple(got[0][0].shape), target, value.device)
+            order = sorted(captured)
+            grads = torch.autograd.grad(value[rows].sum(), [captured[k] for k in order], allow_unused=True)
         masks: dict[int, Tensor] = {}
         for k, gr in zip(order, grads):
             n = captured[k][0].numel()

@@ -253,6 +253,57 @@ def test_records_round_trip_inf_and_none(db: Path) -> None:
         assert store.records(run.id, threat="nothing") == []
 
 
+def test_records_keep_queries_and_extra(db: Path) -> None:
+    original = [
+        _rec(0, status="unknown", queries=51_200, extra={"clever": 0.125, "fit": {"shape": 2.5, "ks_p": 0.5}}),
+        _rec(1, status="falsified", extra={"log_p": -math.inf, "levels": [1, 2]}),
+        _rec(2, status="robust"),
+    ]
+    with Store(db) as store:
+        run, _ = _open(store)
+        store.write_records(run.id, original)
+        back = store.records(run.id)
+    assert back == original
+    assert back[0].queries == 51_200 and back[0].extra["fit"]["shape"] == 2.5
+    assert back[1].extra["log_p"] == -math.inf and back[2].queries is None and back[2].extra == {}
+    with Store(db) as store, pytest.raises(StoreError, match=r"records\[0\]\.extra\['v'\]"):
+        store.write_records(run.id, [_rec(5, extra={"v": object()})])
+
+
+def test_schema_2_store_is_upgraded_in_place(db: Path) -> None:
+    """A store written before per-sample queries / extra existed keeps its rows and gains the two columns."""
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE runs (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+            created REAL, updated REAL, seconds REAL, n_samples INTEGER, model_fp TEXT, data_fp TEXT, config TEXT,
+            versions TEXT, summary TEXT);
+        CREATE TABLE samples (run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE, threat TEXT, idx INTEGER,
+            label INTEGER, clean_pred INTEGER, status TEXT, adv_distance REAL, certified REAL, attack TEXT,
+            seconds REAL, PRIMARY KEY (run_id, threat, idx));
+        CREATE TABLE warnings (id INTEGER PRIMARY KEY, run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE,
+            code TEXT, message TEXT, created REAL, UNIQUE (run_id, code, message));
+        CREATE TABLE training_epochs (run_id INTEGER REFERENCES runs(id) ON DELETE CASCADE, epoch INTEGER,
+            metrics TEXT, seconds REAL, created REAL, PRIMARY KEY (run_id, epoch));
+        INSERT INTO meta VALUES ('schema_version', '2'), ('bastion_version', '0.1');
+        INSERT INTO runs VALUES (1, 'k', 'evaluate', 'running', 0, 0, 0, 2, 'm', 'd', '{}', '{}', NULL);
+        INSERT INTO samples VALUES (1, 'linf:0.1', 0, 3, 3, 'robust', NULL, 0.2, 'crown', 0.5);
+        """
+    )
+    conn.commit()
+    conn.close()
+    with Store(db) as store:
+        (old,) = store.records(1)
+        assert old == SampleRecord(0, "linf:0.1", 3, 3, "robust", certified=0.2, attack="crown", seconds=0.5)
+        assert old.queries is None and old.extra == {}
+        store.write_records(1, [_rec(1, queries=7, extra={"score": 1.5})])
+        assert store.records(1)[1].extra == {"score": 1.5}
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    conn.close()
+
+
 def test_write_records_checks_its_input(db: Path) -> None:
     with Store(db) as store:
         run, _ = _open(store)

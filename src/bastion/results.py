@@ -48,6 +48,9 @@ class SampleRecord:
         certified: certified lower bound on the minimal adversarial distance, or ``None`` until a verifier ran.
         attack: name of the attack (or method) that decided the status, or ``None``.
         seconds: wall time spent on this sample (its share of the batch time).
+        queries: model calls (forward passes of one input) spent on this sample, where the method counts them.
+        extra: method-specific per-sample values (JSON-able), e.g. a CLEVER score, a log-probability of
+            violation, the bounds of a converging search; the store keeps them with the record.
     """
 
     index: int
@@ -59,6 +62,8 @@ class SampleRecord:
     certified: float | None = None
     attack: str | None = None
     seconds: float = 0.0
+    queries: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

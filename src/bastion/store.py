@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "RunInfo", "RunSession", "Store", "resumable_run", "run_key"]
 
-SCHEMA_VERSION: int = 2
+SCHEMA_VERSION: int = 3
 
 #: Older schema versions that :class:`Store` upgrades in place, with the statements that do it.
 _MIGRATIONS: dict[int, str] = {}
@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS samples (
     certified REAL,
     attack TEXT,
     seconds REAL,
+    queries INTEGER,
+    extra TEXT,
     PRIMARY KEY (run_id, threat, idx)
 );
 CREATE TABLE IF NOT EXISTS warnings (
@@ -123,6 +125,8 @@ _SCHEMA += _EPOCHS_TABLE
 
 # version 1 -> 2: per-epoch metrics of training runs (an added table; existing rows are untouched)
 _MIGRATIONS[1] = _EPOCHS_TABLE
+# version 2 -> 3: per-sample model-call counts and method-specific values (two added columns, NULL in old rows)
+_MIGRATIONS[2] = "ALTER TABLE samples ADD COLUMN queries INTEGER; ALTER TABLE samples ADD COLUMN extra TEXT"
 
 _RUN_COLUMNS = (
     "id, key, kind, status, created, updated, seconds, n_samples, model_fp, data_fp, config, versions, "
@@ -653,6 +657,8 @@ class Store:
                     _float_or_none(rec.certified),
                     rec.attack,
                     float(rec.seconds),
+                    None if rec.queries is None else int(rec.queries),
+                    _dumps(rec.extra, f"records[{i}].extra") if rec.extra else None,
                 )
             )
         seconds = float(seconds)
@@ -667,7 +673,7 @@ class Store:
                 raise self._missing(run_id)
             conn.executemany(
                 "INSERT OR REPLACE INTO samples(run_id, threat, idx, label, clean_pred, status, "
-                "adv_distance, certified, attack, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "adv_distance, certified, attack, seconds, queries, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -679,7 +685,7 @@ class Store:
             threat: a threat key (``ThreatModel.key``) to keep only its records, or ``None`` for all.
         """
         sql = (
-            "SELECT idx, threat, label, clean_pred, status, adv_distance, certified, attack, seconds "
+            "SELECT idx, threat, label, clean_pred, status, adv_distance, certified, attack, seconds, queries, extra "
             "FROM samples WHERE run_id = ?"
         )
         params: list[Any] = [run_id]
@@ -698,6 +704,8 @@ class Store:
                 certified=_float_or_none(r[6]),
                 attack=r[7],
                 seconds=float(r[8] or 0.0),
+                queries=None if r[9] is None else int(r[9]),
+                extra=json.loads(r[10]) if r[10] else {},
             )
             for r in rows
         ]

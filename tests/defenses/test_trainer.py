@@ -480,9 +480,11 @@ def test_store_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     with Store(db) as store:
         run, _ = store.open_run(kind="evaluate", key="k", config={}, model_fp="m", data_fp="d", n_samples=3)
-    # turn it into a version-1 file: no training_epochs table
+    # turn it into a version-1 file: no training_epochs table, no per-sample queries / extra columns
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE training_epochs")
+    conn.execute("ALTER TABLE samples DROP COLUMN queries")
+    conn.execute("ALTER TABLE samples DROP COLUMN extra")
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
@@ -495,4 +497,4 @@ def test_store_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     conn.close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3

@@ -307,6 +307,11 @@ def test_clever_scores_resumes_after_an_interruption(tmp_path) -> None:
         assert run.status == "complete" and run.summary is not None
         assert [row["score"] for row in run.summary["per_sample"]] == fresh.scores()
         assert run.summary["certified"] is False and run.summary["estimate"] is True
+        stored = store.records(run.id)
+    # each record carries its score and fit, and its model calls (the clean query, then N_b * N_s points)
+    assert [r.extra["score"] for r in stored] == fresh.scores()
+    assert all(set(r.extra) >= {"target", "location", "shape", "ks_pvalue", "fallback"} for r in stored)
+    assert [r.queries for r in stored] == [1 if r.index == 5 else 1 + 6 * 16 for r in stored]
     again = clever_scores(wrapped, data, store=path, **kw)  # type: ignore[arg-type]
     assert again.scores() == fresh.scores()
 

@@ -363,6 +363,9 @@ def test_estimate_violation_resumes_after_interruption(tmp_path, monkeypatch) ->
     with Store(path) as store:
         (run,) = store.runs()
         assert run.status == "complete" and len(run.summary["log_p"]) == 5
+        stored = store.records(run.id)
+    assert {r.index: r.extra["log_p"] for r in stored} == reference.log_p
+    assert all(r.queries is not None and r.queries > 1 for r in stored if r.clean_pred == r.label)
 
 
 # -------------------------------------------------------------------------------------------- bad input

@@ -59,10 +59,9 @@ this worse, Goodfellow 2018, "Gradient masking causes CLEVER to overestimate adv
 Results therefore carry ``certified = False`` and ``estimate = True``, and :func:`clever_scores` never writes the
 score into a record's ``certified`` field.
 
-Storage. The store's per-sample records have no free-form field, so :func:`clever_scores` writes each batch's
-per-sample scores (score, target, location, shape, scale, KS p-value, fallback) as one JSON row of the run's
-per-step metrics log (``Store.write_epoch``, keyed by the batch's first sample index) before the batch's records,
-and the final run summary holds them all (``summary["per_sample"]``); records keep ``certified = None``.
+Storage. :func:`clever_scores` writes one record per sample whose ``extra`` holds its score and fit (score, target,
+location, shape, scale, KS p-value, fallback, reason) and whose ``queries`` counts its model calls; ``certified``
+stays None. The run summary also lists every sample's row (``summary["per_sample"]``).
 """
 
 from __future__ import annotations
@@ -721,7 +720,6 @@ def clever(
 
 def _summarize(
     records: list[SampleRecord],
-    rows: dict[int, dict[str, Any]],
     n: int,
     threat: str,
     norm: str,
@@ -729,7 +727,7 @@ def _summarize(
     mode: str,
 ) -> CleverRun:
     mine = sorted((r for r in records if r.threat == threat), key=lambda r: r.index)
-    pairs = [(r, rows[r.index]) for r in mine if r.index in rows]
+    pairs = [(r, {"index": r.index, **r.extra}) for r in mine]
     per_sample = [row for _, row in pairs]
     correct = [row for rec, row in pairs if rec.clean_pred == rec.label]
     scores = [float(row["score"]) for row in correct]
@@ -766,9 +764,9 @@ def clever_scores(
 
     Each sample gets a record under the threat key of the sampling ball (``LpBall(norm, radius, data.domain).key``):
     status ``unknown`` (CLEVER proves nothing) with ``certified = None`` and ``adv_distance = None``, or
-    ``falsified`` at distance 0 (attack ``"clean"``) when the model misclassifies the clean input. The scores live
-    in the run summary (``per_sample``) and in the run's per-step metrics log (see the module docstring), so an
-    interrupted run resumes with the samples not yet done and still reports every score. A sample's score depends
+    ``falsified`` at distance 0 (attack ``"clean"``) when the model misclassifies the clean input. Each record's
+    ``extra`` holds the sample's score and fit and ``queries`` its model calls, so an interrupted run resumes with the
+    samples not yet done and still reports every score. A sample's score depends
     only on ``seed`` and its index, not on how the run was batched or resumed.
 
     Args:
@@ -823,15 +821,10 @@ def clever_scores(
         "targets": None if given is None else given.tolist(), "seed": int(seed), "c_init": list(inits),
         "shape_reg": reg, "min_pvalue": pmin,
     }  # fmt: skip
-    rows: dict[int, dict[str, Any]] = {}
     with resumable_run(
         store, kind="clever", payload=payload, fingerprints=lambda: (model_fingerprint(model), data.fingerprint()),
         n_samples=n, threats=[threat.key], config={"samples_per_write": spw, **(config or {})},
     ) as run:  # fmt: skip
-        if run.store is not None and run.run_id is not None:
-            for step in run.store.epochs(run.run_id):
-                for row in step.get("clever", []):
-                    rows[int(row["index"])] = row
         with eval_mode(model):
             for idx, xb, yb in run.batches(data, spw, desc=f"clever ({name})", progress=progress):
                 res = _run(
@@ -840,23 +833,20 @@ def clever_scores(
                     c_init=inits, shape_reg=reg, min_pvalue=pmin, chunk_points=chunk,
                 )  # fmt: skip
                 batch_rows = res.per_sample(idx.tolist())
-                for row in batch_rows:
-                    rows[int(row["index"])] = row
-                if run.store is not None and run.run_id is not None:
-                    # the scores first: a sample with a record always has its score stored
-                    run.store.write_epoch(run.run_id, int(idx[0]), {"clever": batch_rows})
                 share = res.seconds / max(len(idx), 1)
                 records = []
                 for j, i in enumerate(idx.tolist()):
                     label, pred = int(res.labels[j]), int(res.clean_pred[j])
                     wrong = pred != label
+                    extra = {k: v for k, v in batch_rows[j].items() if k != "index"}
                     records.append(
                         SampleRecord(
                             index=int(i), threat=threat.key, label=label, clean_pred=pred,
                             status="falsified" if wrong else "unknown", adv_distance=0.0 if wrong else None,
                             certified=None, attack="clean" if wrong else None, seconds=share,
+                            queries=1 if wrong else 1 + nb * bs, extra=extra,
                         )
                     )  # fmt: skip
                 run.write(records)
-        result = _summarize(run.records(threat.key), rows, n, threat.key, name, r, mode)
+        result = _summarize(run.records(threat.key), n, threat.key, name, r, mode)
         return run.finish(result, started=t_start)

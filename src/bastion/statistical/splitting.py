@@ -889,10 +889,10 @@ def estimate_violation(
     Each sample's property is "the prediction stays its label". Its record is ``falsified`` when the model already
     misclassifies it (distance 0, attack ``"clean"``) or when splitting evaluated a violation inside ball ∩
     domain (re-executed; ``adv_distance`` is ``threat.distance`` to the sample, attack ``"amls"``), else
-    ``unknown``: an estimate is never a proof, so nothing is ever ``robust`` here. The records have no field for
-    the estimate, so the per-sample log-probabilities are kept with the run (one metrics row per sample, through
-    :meth:`Store.write_epoch <bastion.store.Store.write_epoch>` keyed by the sample index, written before the
-    sample's record) and gathered into the run's summary, resumed sessions included. Sample ``i`` uses a seed
+    ``unknown``: an estimate is never a proof, so nothing is ever ``robust`` here. Each record's ``extra`` holds the
+    sample's estimate (``log_p``, ``log_p_std``, ``spread``, ``n_levels``, ``termination``, ``max_score``) and
+    ``queries`` its model calls (the clean prediction included); the run's summary gathers the estimates of every
+    session. Sample ``i`` uses a seed
     derived from ``(seed, i)``, so its estimate is the same whichever session computes it.
 
     Args:
@@ -936,15 +936,11 @@ def estimate_violation(
         raise InputError(f"threat {threat!r} has domain {threat.domain} but the data's domain is {data.domain}")
     n = len(data)
     payload = {"threat": threat.key, "measure": meas, "seed": seed, **cfg.payload()}
-    estimates: dict[int, tuple[float, float]] = {}
     device = model_device(model)
     with resumable_run(
         store, kind="amls", payload=payload, fingerprints=lambda: (model_fingerprint(model), data.fingerprint()),
         n_samples=n, threats=[threat.key], config=config,
     ) as run:  # fmt: skip
-        if run.store is not None and run.run_id is not None:
-            for row in run.store.epochs(run.run_id):
-                estimates[int(row["epoch"])] = (float(row["log_p"]), float(row["log_p_std"]))
         for idx, xb, yb in run.batches(data, 1, desc="multilevel splitting", progress=progress):
             i, label = int(idx[0]), int(yb[0])
             t0 = time.perf_counter()
@@ -966,18 +962,18 @@ def estimate_violation(
                 status, dist, method = "falsified", res.adv_distance, METHOD
             else:
                 status, dist, method = "unknown", None, None
-            estimates[i] = (res.log_p, res.log_p_std)
             seconds = time.perf_counter() - t0
-            if run.store is not None and run.run_id is not None:
-                metrics = {
-                    "log_p": res.log_p, "log_p_std": res.log_p_std, "spread": res.spread, "n_levels": res.n_levels,
-                    "termination": res.termination, "model_calls": res.model_calls, "max_score": res.max_score,
-                }  # fmt: skip
-                run.store.write_epoch(run.run_id, i, metrics, seconds=0.0)
+            extra = {
+                "log_p": res.log_p, "log_p_std": res.log_p_std, "spread": res.spread, "n_levels": res.n_levels,
+                "termination": res.termination, "max_score": res.max_score,
+            }  # fmt: skip
             record = SampleRecord(
                 index=i, threat=threat.key, label=label, clean_pred=pred, status=status,
-                adv_distance=dist, certified=None, attack=method, seconds=seconds,
+                adv_distance=dist, certified=None, attack=method, seconds=seconds, queries=1 + res.model_calls,
+                extra=extra,
             )  # fmt: skip
             run.write([record])
-        result = summarize_estimates(run.records(threat.key), estimates, n, threat.key, meas)
+        records = run.records(threat.key)
+        estimates = {r.index: (float(r.extra["log_p"]), float(r.extra["log_p_std"])) for r in records}
+        result = summarize_estimates(records, estimates, n, threat.key, meas)
         return run.finish(result, started=t_start)

@@ -102,3 +102,26 @@ def test_assess_bad_budget(digits_mlp_path: Path, capsys) -> None:
             "--budget", "-1"]  # fmt: skip
     code, _, err = _run(capsys, argv)
     assert code == 2 and "budget" in err
+
+
+def test_assess_estimates_and_l0_from_the_command_line(digits_mlp_path: Path, capsys) -> None:
+    base = ["assess", "--model", str(digits_mlp_path), "--data", "digits", "--limit", "3", "--json"]
+    argv = [*base, "--eps", "0.05", "--budget", "0", "--attack", "fgsm", "--minimal-attack", "none",
+            "--methods", "ibp", "--no-radius", "--estimates", "clever",
+            "--estimate-opt", "clever.n_batches=10", "--estimate-opt", "clever.batch_size=32"]  # fmt: skip
+    code, out, _ = _run(capsys, argv)
+    assert code == 0
+    got = json.loads(out)
+    assert "clever" in got["estimates"]
+    assert all(r["queries"] == 1 + 10 * 32 for r in got["records"] if r["clean_pred"] == r["label"])
+    code, out, _ = _run(capsys, [*base, "--norm", "l0", "--eps", "1", "--complete-opt", "max_subset=1"])
+    assert code == 0
+    got = json.loads(out)
+    assert got["threat"] == "l0:1.0" and all(
+        "l0_lower" in r["extra"] for r in got["records"] if r["clean_pred"] == r["label"]
+    )
+    for bad, word in ((["--estimate-opt", "n_batches=3", "--estimates", "clever"], "name the estimate"),
+                      (["--complete", "deepgo", "--norm", "l2"], "norms"),
+                      (["--complete-opt", "nope=1", "--norm", "l0"], "nope")):  # fmt: skip
+        code, _, err = _run(capsys, [*base, "--eps", "1", *bad])
+        assert code == 2 and word in err and "Traceback" not in err, err

@@ -830,6 +830,7 @@ class RunSession:
         self.done: set[int] = set() if store is None or run is None else store.done_indices(run.id, threats)
         self._kept: list[SampleRecord] = []
         self._batch_start: float | None = None
+        self._bar: Any = None
 
     def todo(self, positions: int | Iterable[int]) -> list[int]:
         """The positions still to do, in order: ``range(positions)`` for an int, else the positions given."""
@@ -856,11 +857,24 @@ class RunSession:
         n = len(data)
         todo = self.todo(n)
         with tqdm(total=n, initial=n - len(todo), desc=desc, unit="sample", disable=not progress, leave=leave) as bar:
-            for idx, x, y in data.batches(batch_size, indices=todo):
-                self._batch_start = time.perf_counter()
-                yield idx, x, y
-                bar.update(len(idx))
+            self._bar = bar
+            try:
+                for idx, x, y in data.batches(batch_size, indices=todo):
+                    self._batch_start = time.perf_counter()
+                    yield idx, x, y
+                    bar.update(len(idx))
+            finally:
+                self._bar = None
         self._batch_start = None
+
+    def show(self, **values: Any) -> None:
+        """Show ``values`` (e.g. the running bounds) after the progress bar of :meth:`batches`; nothing outside it.
+
+        Floats are shown with 4 significant digits.
+        """
+        if self._bar is not None:
+            shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}
+            self._bar.set_postfix(shown, refresh=False)
 
     def write(self, records: Sequence[SampleRecord], *, seconds: float | None = None) -> None:
         """Store one batch of records and its work time in one transaction (or keep them, without a store).
@@ -936,8 +950,8 @@ def resumable_run(
         config: extra information stored with the run, not part of its key (batch size, CLI specs, ...).
 
     Yields:
-        The session: ``done``, ``todo(...)``, ``batches(...)``, ``write(...)``, ``records(...)``, ``warn(...)``,
-        ``finish(...)``.
+        The session: ``done``, ``todo(...)``, ``batches(...)``, ``show(...)``, ``write(...)``, ``records(...)``,
+        ``warn(...)``, ``finish(...)``.
 
     Raises:
         InputError: ``store`` is neither a Store, a path nor ``None``.

@@ -180,5 +180,109 @@ def test_bad_inputs(digits_mlp64) -> None:
         assess(model, data, threat, methods=["ibp", "nope"], progress=False)
     with pytest.raises(InputError, match="preset"):
         assess(model, data, threat, attack="nope", progress=False)
+    with pytest.raises(InputError, match="complete"):
+        assess(model, data, threat, complete="nope", progress=False)
     with pytest.raises(InputError, match="norms"):
-        assess(model, data, LpBall("l0", 3), progress=False)
+        assess(model, data, LpBall("l2", 0.5), complete="deepgo", progress=False)
+    with pytest.raises(InputError, match="sound Lipschitz"):
+        assess(model, data, threat, complete="deepgo", complete_options={"lipschitz": "estimate"}, progress=False)
+    with pytest.raises(InputError, match="unknown estimate"):
+        assess(model, data, threat, estimates=["clever", "nope"], progress=False)
+    with pytest.raises(InputError, match="norms"):
+        assess(model, data, LpBall("l1", 1.0), estimates=["splitting"], progress=False)
+    with pytest.raises(InputError, match="not among the estimates"):
+        assess(model, data, threat, estimates=["clever"], estimate_options={"splitting": {}}, progress=False)
+    with pytest.raises(InputError, match="fixes itself"):
+        assess(model, data, threat, estimates=["clever"], estimate_options={"clever": {"norm": "l2"}}, progress=False)
+    with pytest.raises(InputError, match="norms"):
+        assess(model, data, LpBall("l0", 3), attack=[PGD()], progress=False)
+    with pytest.raises(InputError, match="max_subsett"):
+        assess(model, data, LpBall("l0", 3), complete_options={"max_subsett": 2}, progress=False)
+    with pytest.raises(InputError, match="n_batch"):
+        assess(model, data, threat, estimates=["clever"], estimate_options={"clever": {"n_batch": 2}}, progress=False)
+
+
+def test_deepgo_as_the_complete_stage_is_sound_and_agrees_with_branch_and_bound() -> None:
+    model = _small_net(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 4, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = LpBall("linf", 0.06)
+    common = dict(attack=[PGD(steps=10)], minimal_attack=None, radius=False, methods=["ibp"], progress=False)
+    go = assess(model, (x, y), threat, budget=5.0, complete="deepgo", **common)  # type: ignore[arg-type]
+    _check_result(go, model, x, y, threat)
+    assert go.decided_by.get("complete", 0) >= 3, go.decided_by
+    bab = assess(model, (x, y), threat, budget=5.0, complete="bab", **common)  # type: ignore[arg-type]
+    exact = {r.index: r.status for r in bab.records}
+    for r in go.records:
+        # both are sound: where each decides, they agree (no sample proven by one and broken by the other)
+        if r.status != "unknown" and exact[r.index] != "unknown":
+            assert r.status == exact[r.index], (r, exact[r.index])
+    assert sum(r.status != "unknown" for r in go.records) >= 12
+
+
+def test_l0_threat_runs_the_l0_tre_stage() -> None:
+    from bastion.verify.globalopt.l0 import l0_robustness
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
+    x = torch.rand(10, 1, 4, 4, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # one clean misclassification
+    threat = LpBall("l0", 1)
+    res = assess(model, (x, y), threat, budget=1.0, complete_options={"max_subset": 2}, progress=False)
+    _check_result(res, model, x, y, threat)
+    assert any("l0" in note for note in res.notes)  # no incomplete verifier for l0
+    bounds = l0_robustness(model, x[1:], y[1:], max_subset=2, feature="element")
+    for rec in res.records[1:]:
+        j = rec.index - 1
+        # the record's bracket is L0-TRE's: certified radius L - 1, found distance its upper bound
+        assert rec.certified == float(bounds.certified_radius[j])
+        assert rec.extra["l0_lower"] == int(bounds.lower[j]) and rec.queries is not None and rec.queries > 0
+        if rec.status == "falsified":
+            assert res.counterexamples[rec.index].ne(x[rec.index]).sum() <= 1
+    assert {r.status for r in res.records[1:]} != {"unknown"}
+
+
+def test_estimates_are_extra_columns_and_splitting_violations_falsify(tmp_path) -> None:
+    # a linear classifier: CLEVER's score equals the exact l2 distance margin / ||w_y - w_j||
+    w = torch.tensor([[1.0, 0.0, 0.5], [-1.0, 0.5, 0.0]])
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    model[0].weight.data.copy_(w)
+    model[0].bias.data.copy_(torch.tensor([0.1, -0.1]))
+    g = torch.Generator().manual_seed(0)
+    x = 0.4 + 0.2 * torch.rand(6, 3, generator=g)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    threat = LpBall("l2", 0.3)
+    opts = {
+        "clever": {"n_batches": 20, "batch_size": 64, "radius": 0.5},
+        "splitting": {"n_particles": 200, "mh_steps": 10},
+    }
+    res = assess(model, (x, y), threat, budget=0.0, attack=[PGD(steps=5)], minimal_attack=None, methods=["crown"],
+                 estimates=["clever", "splitting"], estimate_options=opts, radius=False, store=tmp_path / "a.db",
+                 progress=False)  # fmt: skip
+    _check_result(res, model, x, y, threat)
+    diff = (w[0] - w[1]).norm()
+    exact = (logits.max(1).values - logits.min(1).values) / diff
+    for rec in res.records:
+        assert rec.extra["clever"] == pytest.approx(min(float(exact[rec.index]), 0.5), rel=0.05)
+        assert rec.extra["log_p"] <= 0.0 and rec.queries is not None and rec.queries > 1 + 20 * 64
+        if math.isinf(rec.extra["log_p"]):
+            assert rec.status != "falsified" or rec.attack != "splitting"
+    assert res.estimates["clever"] > 0 and "log10_p" in res.estimates
+    with Store(tmp_path / "a.db") as store:
+        (run,) = store.runs()
+        assert [r.extra for r in store.records(run.id)] == [r.extra for r in sorted(res.records, key=lambda r: r.index)]
+    # a ball that reaches the boundary: splitting evaluates violations, which falsify the samples it finds them for
+    wide = LpBall("l2", 2.0)
+    res = assess(model, (x, y), wide, budget=0.0, attack=[], minimal_attack=None, methods=[], estimates=["splitting"],
+                 estimate_options={"splitting": opts["splitting"]}, radius=False, progress=False)  # fmt: skip
+    _check_result(res, model, x, y, wide)
+    assert res.decided_by.get("splitting", 0) == x.shape[0]

@@ -86,12 +86,12 @@ def check_plot_path(path: str) -> Path:
     return out
 
 
-def parse_opts(items: Sequence[str]) -> list[tuple[str | None, str, Any]]:
-    """``key=value`` or ``attack.key=value`` strings -> (attack or None, key, Python value)."""
+def parse_opts(items: Sequence[str], flag: str = "--attack-opt") -> list[tuple[str | None, str, Any]]:
+    """``key=value`` or ``name.key=value`` strings -> (name or None, key, Python value); ``flag`` names the option."""
     out = []
     for item in items:
         if "=" not in item:
-            raise BastionError(f"--attack-opt {item!r}: expected key=value (e.g. steps=100 or pgd.steps=100)")
+            raise BastionError(f"{flag} {item!r}: expected key=value (e.g. steps=100 or pgd.steps=100)")
         key, raw = item.split("=", 1)
         target, _, name = key.strip().rpartition(".")
         try:

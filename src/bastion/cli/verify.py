@@ -36,10 +36,14 @@ EPILOG_ASSESS = f"""\
 examples:
   bastion assess --model zoo:mlp@digits-mlp.pt --data digits --norm linf --eps 0.05 --budget 10 --store runs.db
   bastion assess --model model.pt --data test.npz --eps 8/255 --attack pgd --methods ibp,crown --budget 0 --json
+  bastion assess --model model.pt --data digits --eps 0.05 --complete deepgo --estimates clever,splitting --limit 20
+  bastion assess --model model.pt --data digits --norm l0 --eps 2 --complete-opt max_subset=2 --limit 20
 
 Runs a cheap attack cascade, a minimal attack (FAB), then incomplete verifiers (IBP -> CROWN -> alpha-CROWN) on
-what survives and complete search (branch and bound / MILP, l-inf only) within --budget seconds per sample, and
-reports robust / falsified / unknown with the bracket [certified radius, closest adversarial example] per sample.
+what survives and complete search (branch and bound / MILP or DeepGO, l-inf only) within --budget seconds per
+sample, and reports robust / falsified / unknown with the bracket [certified radius, closest adversarial example]
+per sample. l0 threats run L0-TRE's bounds instead of the verifiers. --estimates adds CLEVER scores and multilevel-
+splitting log-probabilities to each record (estimates, not proofs).
 
 {RADIUS_NOTE}"""
 
@@ -95,11 +99,25 @@ def cmd_assess(args: argparse.Namespace) -> int:
     model, data, threat = _certify_inputs(args)
     attacks = build_attacks(args.attack, parse_opts(args.attack_opt), args.norm)
     minimal = None if args.minimal_attack.lower() == "none" else args.minimal_attack
+    complete: bool | str = True if args.complete is None else args.complete
+    if args.no_complete or complete == "none":
+        complete = False
+    estimate_opts: dict[str, dict[str, Any]] = {}
+    for target, key, value in parse_opts(args.estimate_opt, flag="--estimate-opt"):
+        if target is None:
+            raise BastionError(f"--estimate-opt {key}=...: name the estimate, e.g. clever.{key}=...")
+        estimate_opts.setdefault(target, {})[key] = value
+    complete_opts = {}
+    for target, key, value in parse_opts(args.complete_opt, flag="--complete-opt"):
+        if target is not None:
+            raise BastionError(f"--complete-opt {target}.{key}: expected key=value (e.g. max_subset=2)")
+        complete_opts[key] = value
     result = assess(
         model, data, threat, budget=args.budget, attack=attacks, minimal_attack=minimal,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], complete=not args.no_complete,
-        radius=args.radius, batch_size=args.batch_size, store=args.store, seed=args.seed,
-        progress=not args.json, options=BoundOptions(alpha_steps=args.alpha_steps),
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], complete=complete,
+        complete_options=complete_opts, estimates=[e.strip() for e in args.estimates.split(",") if e.strip()],
+        estimate_options=estimate_opts or None, radius=args.radius, batch_size=args.batch_size, store=args.store,
+        seed=args.seed, progress=not args.json, options=BoundOptions(alpha_steps=args.alpha_steps),
         config={"model_spec": args.model, "data_spec": args.data},
     )  # fmt: skip
     _print_with_records(result, args.json)
@@ -279,16 +297,37 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        epilog=EPILOG_ASSESS, formatter_class=fmt)  # fmt: skip
     p.add_argument("--model", required=True, help="model spec (as for `bastion evaluate`)")
     p.add_argument("--data", required=True, help="data spec (as for `bastion evaluate`)")
-    p.add_argument("--norm", default="linf", help="linf, l2 or l1 (default: %(default)s)")
-    p.add_argument("--eps", type=parse_eps, required=True, help="radius, e.g. 0.1 or 8/255")
+    p.add_argument("--norm", default="linf", help="linf, l2, l1 or l0 (default: %(default)s)")
+    p.add_argument("--eps", type=parse_eps, required=True, help="radius, e.g. 0.1 or 8/255 (l0: changed elements)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds per sample for complete search (default 10)")
     p.add_argument("--attack", default="rapid", help="fixed-eps attack cascade or preset (default: %(default)s)")
     p.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="attack hyperparameter, repeatable; ATTACK.KEY=VALUE for one attack only")  # fmt: skip
-    p.add_argument("--minimal-attack", default="fab", help="minimal-distortion attack for the found distance, or none")
+    p.add_argument(
+        "--minimal-attack",
+        default="auto",
+        help="minimal-distortion attack for the found distance, or none (auto: fab, none for l0)",
+    )
     p.add_argument("--methods", default="ibp,crown,alpha-crown", help="incomplete verifiers in order (comma-separated)")
     p.add_argument("--alpha-steps", type=positive_int, default=20, help="alpha-CROWN optimisation steps")
-    p.add_argument("--no-complete", action="store_true", help="skip the complete search")
+    p.add_argument("--no-complete", action="store_true", help="skip the complete search (as --complete none)")
+    p.add_argument("--complete", default=None, choices=["bab", "deepgo", "l0", "none"],
+                   help="complete search: bab (branch and bound, l-inf default), deepgo (Lipschitz optimisation, "
+                   "l-inf), l0 (L0-TRE, the l0 default) or none")  # fmt: skip
+    p.add_argument("--complete-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the complete method, repeatable (e.g. max_subset=2, tolerance=0.001)")  # fmt: skip
+    p.add_argument(
+        "--estimates",
+        default="",
+        help="statistical extra columns, comma-separated: clever, splitting (estimates, not proofs)",
+    )
+    p.add_argument(
+        "--estimate-opt",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="option of an estimate, repeatable (e.g. clever.n_batches=50, splitting.n_particles=500)",
+    )
     _add_radius_flag(p)
     p.add_argument("--store", default=None, help="SQLite store: results are written per batch and the run resumes")
     p.add_argument("--batch-size", type=positive_int, default=64)

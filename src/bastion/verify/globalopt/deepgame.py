@@ -1399,4 +1399,5 @@ def deepgame_verify(
                     )
                 ]
             )  # fmt: skip
+            run.show(lower=float(r.lower), upper=float(r.upper))
         return run.finish(_summarize(run.records(threat.key), len(data), threat.key), started=t_start)

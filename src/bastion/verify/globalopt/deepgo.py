@@ -414,16 +414,26 @@ def _spec(c: Any, n: int, k: int, where: str) -> Tensor:
     return c
 
 
-def _reexecute(model: nn.Module | Network, x: Tensor, C: Tensor, reduce_max: bool) -> Tensor:
-    """``reduce_i C_i · f(x)`` on the model itself (its dtype), as float64."""
+def _run_model(model: nn.Module | Network, x: Tensor) -> Tensor:
+    """The model (or network) itself on ``x``, in its own dtype, in eval mode and without gradients."""
     if isinstance(model, nn.Module):
         first = next(iter(model.parameters()), None)
         dtype = first.dtype if first is not None and first.is_floating_point() else x.dtype
         with eval_mode(model), torch.no_grad():
-            y = model(x.to(dtype)).reshape(x.shape[0], -1).to(torch.float64)
-    else:
+            return model(x.to(dtype)).detach()
+    if not model.live:  # a detached copy: evaluated in float64
         with torch.no_grad():
-            y = model(x.to(torch.float64)).reshape(x.shape[0], -1).to(torch.float64)
+            return model.to(x.device, torch.float64)(x.to(torch.float64)).detach()
+    # a live network holds its model's parameters: evaluated in their dtype
+    consts = (v for node in model.nodes.values() for v in vars(node.op).values() if isinstance(v, Tensor))
+    dtype = next((v.dtype for v in consts if v.is_floating_point()), torch.float64)
+    with torch.no_grad():
+        return model(x.to(dtype)).detach()
+
+
+def _reexecute(model: nn.Module | Network, x: Tensor, C: Tensor, reduce_max: bool) -> Tensor:
+    """``reduce_i C_i · f(x)`` on the model itself (its dtype), as float64."""
+    y = _run_model(model, x).reshape(x.shape[0], -1).to(torch.float64)
     v = torch.einsum("bk,bmk->bm", y, C.to(torch.float64))
     return v.amax(1) if reduce_max else v.amin(1)
 
@@ -538,6 +548,9 @@ def deepgo_reach(
     value = _reexecute(model, point, C, reduce_max)
     # the reported upper bound is the value the model itself attains at the point
     u_min = torch.minimum(u_min, value) if bool(torch.isfinite(value).all()) else u_min
+    # the re-executed value can round below a converged lower bound (another batch shape, another summation
+    # order): lowering the lower bound to it keeps it sound and the bracket ordered
+    l_min = torch.minimum(l_min, u_min)
     h_lo, h_up = torch.stack(prob.hist_lo), torch.stack(prob.hist_up)
     converged = u_min - l_min <= tol
     res = ReachResult(
@@ -585,14 +598,7 @@ def _verdicts(
     pts = res.point.detach()
     outs: Tensor | None = None
     if bool(falsified.any()):
-        with torch.no_grad():
-            if isinstance(model, nn.Module):
-                with eval_mode(model):
-                    first = next(iter(model.parameters()), None)
-                    dt = first.dtype if first is not None and first.is_floating_point() else pts.dtype
-                    outs = model(pts.to(dt)).detach()
-            else:
-                outs = model(pts.to(torch.float64)).detach()
+        outs = _run_model(model, pts)
     for i in range(n):
         details: dict[str, object] = {
             "upper": float(res.upper[i]), "lower": float(res.lower[i]), "sound": res.sound,
@@ -772,21 +778,20 @@ def deepgo_verify(
     ) as run:  # fmt: skip
         with eval_mode(model):
             for idx, xb, yb in run.batches(data, batch_size, desc="deepgo", progress=progress):
-                run.write(
-                    _verify_batch(
-                        model,
-                        xb.to(device),
-                        yb.to(device),
-                        idx,
-                        threat,
-                        feats,
-                        tolerance,
-                        max_iterations,
-                        time_limit,
-                        lipschitz,
-                    )
-                )
+                batch = _verify_batch(
+                    model, xb.to(device), yb.to(device), idx, threat, feats, tolerance, max_iterations, time_limit,
+                    lipschitz,
+                )  # fmt: skip
+                run.write(batch)
+                run.show(**_bounds_shown(batch))
         return run.finish(summarize_certify(run.records(threat.key), n, threat.key, "deepgo", False), started=t_start)
+
+
+def _bounds_shown(batch: list[SampleRecord]) -> dict[str, float]:
+    """The mean margin bounds of a batch's correctly classified samples, for the progress bar."""
+    lo = [float(r.extra["margin_lower"]) for r in batch if "margin_lower" in r.extra]
+    up = [float(r.extra["margin_upper"]) for r in batch if "margin_upper" in r.extra]
+    return {"margin_lower": sum(lo) / len(lo), "margin_upper": sum(up) / len(up)} if lo and up else {}
 
 
 def _verify_batch(
@@ -831,17 +836,12 @@ def _verify_batch(
             status, adv, cert, by = "falsified", dist, None, "deepgo"
         else:
             status, adv, cert, by = "unknown", None, None, None
+        # the converging bounds on the sample's minimum margin over the ball
+        extra = {} if v is None else {"margin_lower": v.details["lower"], "margin_upper": v.details["upper"]}
         out.append(
             SampleRecord(
-                index=int(idx[j]),
-                threat=threat.key,
-                label=int(y[j]),
-                clean_pred=int(pred[j]),
-                status=status,
-                adv_distance=adv,
-                certified=cert,
-                attack=by,
-                seconds=share,
+                index=int(idx[j]), threat=threat.key, label=int(y[j]), clean_pred=int(pred[j]), status=status,
+                adv_distance=adv, certified=cert, attack=by, seconds=share, extra=extra,
             )
-        )
+        )  # fmt: skip
     return out

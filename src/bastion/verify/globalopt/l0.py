@@ -773,6 +773,8 @@ def l0_verify(
         for idx, xb, yb in run.batches(data, batch_size, desc="l0-tre", progress=progress):
             res = l0_robustness(model, xb.to(device), yb.to(device), domain=data.domain, **opts)  # type: ignore[arg-type]
             run.write(_records(res, idx, yb, key, eps))
+            found = res.upper[torch.isfinite(res.upper)]
+            run.show(lower=float(res.lower.double().mean()), upper=float(found.mean()) if found.numel() else math.inf)
         summary = summarize_l0(run.records(key), n, key, eps, max_subset + 1.0, float(n_features), confidence)
         return run.finish(summary, started=t_start)
 
@@ -796,7 +798,7 @@ def _records(res: L0Bounds, idx: Tensor, y: Tensor, key: str, eps: int) -> list[
             SampleRecord(
                 index=int(idx[j]), threat=key, label=label, clean_pred=pred, status=status,  # type: ignore[arg-type]
                 adv_distance=up if math.isfinite(up) else None, certified=float(max(lo - 1, 0)), attack=attack,
-                seconds=float(secs[j]),
+                seconds=float(secs[j]), queries=int(res.evaluations[j]), extra={"lower": lo, "upper": up},
             )
         )  # fmt: skip
     return out

@@ -180,7 +180,10 @@ def posthoc(result: EvaluationResult, attacks: Sequence[Attack], threats: Sequen
             )
     names = result.attacks
     for i, attack in enumerate(attacks):
-        if attack.access == "white-box" or not any(a.access == "white-box" for a in attacks[:i]):
+        # transfer attacks read gradients (of the model they run on): they are white-box here
+        if attack.access not in ("score", "label") or not any(
+            a.access in ("white-box", "transfer") for a in attacks[:i]
+        ):
             continue
         for key in result.threats:
             before = result.robust_accuracy[key][names[i - 1]]

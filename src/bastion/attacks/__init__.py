@@ -21,6 +21,16 @@ from bastion.attacks.patch import AdversarialPatch, PatchResult
 from bastion.attacks.pgd import BIM, PGD
 from bastion.attacks.square import Square
 from bastion.attacks.stadv import StAdv
+from bastion.attacks.transfer import (
+    DIFGSM,
+    MIDITIFGSM,
+    MIFGSM,
+    TIFGSM,
+    Ensemble,
+    TransferAttack,
+    TransferResult,
+    transfer_attack,
+)
 from bastion.attacks.universal import (
     GeneralizedUniversalPerturbation,
     GeneralizedUniversalResult,
@@ -36,6 +46,7 @@ __all__ = [
     "ATTACKS",
     "BIM",
     "BPDA",
+    "DIFGSM",
     "EAD",
     "EOT",
     "FAB",
@@ -45,7 +56,10 @@ __all__ = [
     "JSMA",
     "L0TRE",
     "LBFGS",
+    "MIDITIFGSM",
+    "MIFGSM",
     "PGD",
+    "TIFGSM",
     "AdversarialPatch",
     "Attack",
     "CarliniWagnerL0",
@@ -53,14 +67,18 @@ __all__ = [
     "CarliniWagnerLinf",
     "CountingModel",
     "DeepFool",
+    "Ensemble",
     "GeneralizedUniversalPerturbation",
     "GeneralizedUniversalResult",
     "PatchResult",
     "Square",
     "StAdv",
+    "TransferAttack",
+    "TransferResult",
     "UniversalPerturbation",
     "UniversalResult",
     "make_attack",
+    "transfer_attack",
 ]
 
 

@@ -31,6 +31,14 @@ def parse_eps(text: str) -> list[float]:
     return values
 
 
+def parse_one_eps(text: str) -> float:
+    """One radius (``0.1`` or ``8/255``), for the commands that take a single eps."""
+    values = parse_eps(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one eps value, got {len(values)} ({text!r})")
+    return values[0]
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -181,7 +181,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    width = max((len(r["name"]) for r in rows), default=8)
+    width = max((len(str(r["name"])) for r in rows), default=8)
     for r in rows:
         kind = "minimal-distortion" if r["minimal"] else "fixed-eps"
         print(f"{r['name']:<{width}} {r['norms']:<16} {r['access']:<10} {kind:<18} {r['paper']}")

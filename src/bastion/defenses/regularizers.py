@@ -159,10 +159,13 @@ def parseval_retraction(model: nn.Module, *, beta: float = 0.0003, layers: Itera
 class WeightCorrelation:
     """Weight correlation (Jin et al., NeurIPS 2020): mean over layers of the mean ``|cos|`` between neurons' weights.
 
-    For a layer with weight vectors ``w_1..w_n`` (rows of the (out, fan_in) weight; conv filters flattened), the
-    correlation is ``1/(n(n-1)) sum_{i != j} |<w_i, w_j>| / (||w_i|| ||w_j||)``: 0 for orthogonal neurons, 1 for
-    parallel ones. Layers with a single neuron are skipped. Penalising it decorrelates the neurons, which the
-    paper links to better generalisation.
+    For a dense layer with weight vectors ``w_1..w_n`` (the rows of its (out, in) weight), the correlation is
+    ``rho = 1/(n(n-1)) sum_{i != j} |<w_i, w_j>| / (||w_i|| ||w_j||)``: 0 for orthogonal neurons, 1 for parallel
+    ones. For a conv layer it is computed per input channel, between the n filters' (kh, kw) slices of that channel,
+    and averaged over the channels (the authors' definition); 1×1 convolutions and layers with a single neuron are
+    skipped. Penalising it decorrelates the neurons, which the paper links to better generalisation. The
+    generalisation measure :func:`bastion.reliability.generalisation.weight_correlation` uses the same
+    :meth:`module_correlation`.
 
     Args:
         include_last: also count the final (classification) layer.
@@ -175,21 +178,35 @@ class WeightCorrelation:
 
     @staticmethod
     def layer_correlation(w: Tensor) -> Tensor:
-        """Mean absolute cosine similarity between distinct rows of ``w`` (n, d), n >= 2."""
-        unit = F.normalize(w.flatten(1), dim=1, eps=1e-12)
-        cos = unit @ unit.T
-        n = cos.shape[0]
-        off = cos.abs().sum() - cos.diagonal().abs().sum()
+        """Mean absolute cosine similarity between distinct rows of ``w`` (..., n, d), n >= 2, per leading index."""
+        unit = F.normalize(w, dim=-1, eps=1e-12)
+        cos = (unit @ unit.mT).abs()
+        n = cos.shape[-1]
+        off = cos.sum((-2, -1)) - cos.diagonal(dim1=-2, dim2=-1).sum(-1)
         return off / (n * (n - 1))
 
+    @staticmethod
+    def module_correlation(layer: nn.Module) -> Tensor | None:
+        """``rho`` of one Linear/Conv layer (per input channel for conv), or None where it is undefined."""
+        weight = _weight(layer)
+        n = weight.shape[0]
+        if n < 2:
+            return None
+        if weight.dim() == 2:
+            return WeightCorrelation.layer_correlation(weight)
+        kernel = weight.flatten(2)  # (n, C, kh*kw)
+        if kernel.shape[-1] == 1:
+            return None
+        return WeightCorrelation.layer_correlation(kernel.transpose(0, 1)).mean()
+
     def __call__(self, model: nn.Module) -> Tensor:
-        mats = [w for _, w in weight_matrices(model)]
-        if not self.include_last and mats:
-            mats = mats[:-1]
-        mats = [w for w in mats if w.shape[0] >= 2]
-        if not mats:
+        layers = [m for m, _ in weight_matrices(model)]
+        if not self.include_last and layers:
+            layers = layers[:-1]
+        rhos = [r for r in (self.module_correlation(m) for m in layers) if r is not None]
+        if not rhos:
             raise ModelError("WeightCorrelation: the model has no Linear or Conv layer with at least two neurons")
-        return torch.stack([self.layer_correlation(w) for w in mats]).mean()
+        return torch.stack(rhos).mean()
 
     def __repr__(self) -> str:
         return f"WeightCorrelation(include_last={self.include_last})"

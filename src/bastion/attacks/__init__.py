@@ -9,6 +9,7 @@ from typing import Any
 
 from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
+from bastion.attacks.blackbox import NES, ZOO, AutoZOOM, BanditsTD, SimBA, SimBADCT
 from bastion.attacks.cw import CarliniWagnerL0, CarliniWagnerL2, CarliniWagnerLinf
 from bastion.attacks.deepfool import DeepFool
 from bastion.attacks.ead import EAD
@@ -58,10 +59,14 @@ __all__ = [
     "LBFGS",
     "MIDITIFGSM",
     "MIFGSM",
+    "NES",
     "PGD",
     "TIFGSM",
+    "ZOO",
     "AdversarialPatch",
     "Attack",
+    "AutoZOOM",
+    "BanditsTD",
     "CarliniWagnerL0",
     "CarliniWagnerL2",
     "CarliniWagnerLinf",
@@ -71,6 +76,8 @@ __all__ = [
     "GeneralizedUniversalPerturbation",
     "GeneralizedUniversalResult",
     "PatchResult",
+    "SimBA",
+    "SimBADCT",
     "Square",
     "StAdv",
     "TransferAttack",

@@ -450,3 +450,26 @@ def test_preset_cascade_with_per_attack_options(capsys: pytest.CaptureFixture[st
     rc, out, err = run_cli(capsys, *argv, "--attack", "rapid", *opts, "--json")
     assert rc == 0, err
     assert json.loads(out)["attacks"] == ["apgd", "apgd-t"]
+
+
+# ------------------------------------------------------------------------------------------------ black box
+def test_evaluate_through_a_black_box_counts_queries_and_plots_them(
+    capsys: pytest.CaptureFixture[str], digits_mlp_path: Path, tmp_path: Path
+) -> None:
+    fig = tmp_path / "queries.png"
+    base = ["evaluate", "--model", os.fspath(digits_mlp_path), "--data", "digits", "--limit", "24", "--eps", "0.3"]
+    rc, out, err = run_cli(capsys, *base, "--black-box", "scores", "--query-budget", "200", "--attack", "simba",
+                           "--plot-queries", os.fspath(fig), "--json")  # fmt: skip
+    assert rc == 0, err
+    got = json.loads(out)
+    q = got["queries"]["linf:0.3"]
+    assert 1 < q["median"] <= 1 + 200 and q["broken"] >= 1 and fig.stat().st_size > 0
+    # labels only: the gradient attack is crafted on the surrogate and judged on the model's labels
+    rc, out, err = run_cli(capsys, *base, "--black-box", "labels", "--surrogate", os.fspath(digits_mlp_path),
+                           "--attack", "mi-fgsm", "--json")  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out)["worst_case"]["linf:0.3"] < 1.0
+    rc, _, err = run_cli(capsys, *base, "--black-box", "labels", "--attack", "pgd")
+    assert_one_line_error(rc, err, "evaluate", "white-box")
+    rc, _, err = run_cli(capsys, *base, "--query-budget", "10", "--attack", "simba")
+    assert_one_line_error(rc, err, "evaluate", "--black-box")

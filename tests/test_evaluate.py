@@ -198,3 +198,25 @@ def test_standard_cascade_runs_and_is_at_least_as_strong_as_rapid(setup) -> None
         # the first two attacks are the same objects with the same seeds: identical columns, then more attacks
         assert standard.robust_accuracy[t.key]["apgd-t"] == rapid.worst_case[t.key]
         assert standard.worst_case[t.key] <= rapid.worst_case[t.key]
+
+
+def test_black_box_evaluation_counts_every_query_in_the_records_and_the_store(setup, tmp_path) -> None:
+    from bastion.attacks import SimBA, Square
+    from bastion.models import BlackBox
+
+    model, data = setup
+    data = data.subset(slice(0, 24))
+    oracle = BlackBox(model, budget=50_000)
+    threats = [LpBall("linf", 0.1), LpBall("linf", 0.3)]
+    res = evaluate(oracle, data, threats, [SimBA(queries=100), Square(queries=100)], store=tmp_path / "r.db",
+                   progress=False)  # fmt: skip
+    # every query the oracle answered is in exactly one record: evaluate's clean query counts once per threat
+    per_threat = {t.key: sum(r.queries or 0 for r in res.records if r.threat == t.key) for t in threats}
+    assert oracle.queries == sum(per_threat.values()) - len(data) * (len(threats) - 1)
+    assert all(r.queries is not None and r.queries >= 1 for r in res.records)
+    assert set(res.queries) <= {t.key for t in threats} and res.queries
+    with Store(tmp_path / "r.db") as store:
+        (run,) = store.runs()
+        assert [r.queries for r in store.records(run.id)] == [
+            r.queries for r in sorted(res.records, key=lambda r: (r.threat, r.index))
+        ]

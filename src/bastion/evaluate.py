@@ -34,6 +34,7 @@ from bastion.data import Dataset
 from bastion.errors import InputError
 from bastion.masking import Finding, posthoc, preflight, unbounded_check
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
+from bastion.models.oracle import BlackBox
 from bastion.results import SampleRecord
 from bastion.store import Store, resumable_run
 from bastion.threat import FlowThreat, LpBall, ThreatModel
@@ -68,6 +69,7 @@ class EvaluationResult:
     run_id: int | None = None
     seconds: float = 0.0
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    queries: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the per-sample records)."""
@@ -81,6 +83,7 @@ class EvaluationResult:
             "run_id": self.run_id,
             "seconds": self.seconds,
             "warnings": [{"code": c, "message": m} for c, m in self.warnings],
+            "queries": self.queries,
         }
 
     def table(self) -> str:
@@ -94,6 +97,11 @@ class EvaluationResult:
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"(n = {self.n}; robust accuracy after each attack of the cascade)")
+        for key, q in self.queries.items():
+            lines.append(
+                f"queries per broken sample at {key}: median {q['median']:g}, mean {q['mean']:.1f} "
+                f"(over {int(q['broken'])} samples)"
+            )
         lines.extend(f"warning [{code}]: {message}" for code, message in self.warnings)
         return "\n".join(lines)
 
@@ -121,7 +129,17 @@ def summarize(
         broken_at = [order.get(r.attack or "", -1) if r.status == "falsified" else len(attacks) for r in correct]
         robust[t] = {a: sum(b > i for b in broken_at) / n if n else 0.0 for i, a in enumerate(attacks)}
         worst[t] = sum(r.status != "falsified" for r in correct) / n if n else 0.0
-    return EvaluationResult(n, clean, list(threats), list(attacks), robust, worst, list(records))
+    # queries per broken sample, where the attacks count them (black-box oracles, score-based attacks)
+    queries: dict[str, dict[str, float]] = {}
+    for t in threats:
+        spent = sorted(
+            r.queries for r in by_threat[t] if r.status == "falsified" and r.clean_pred == r.label and r.queries
+        )
+        if spent:
+            mid = len(spent) // 2
+            median = spent[mid] if len(spent) % 2 else (spent[mid - 1] + spent[mid]) / 2
+            queries[t] = {"median": float(median), "mean": sum(spent) / len(spent), "broken": float(len(spent))}
+    return EvaluationResult(n, clean, list(threats), list(attacks), robust, worst, list(records), queries=queries)
 
 
 def attack_names(attacks: Sequence[Attack]) -> list[str]:
@@ -211,6 +229,9 @@ def evaluate(
     attack_list: list[Attack] = _as_list(attacks, Attack, "attacks")
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size!r}")
+    if isinstance(model, BlackBox):
+        for a in attack_list:
+            a._check_oracle(model)  # before any query or progress bar: one line naming what to use instead
     for t in threat_list:
         if t.domain != data.domain:
             raise InputError(f"threat {t!r} has domain {t.domain} but the data's domain is {data.domain}")
@@ -229,7 +250,9 @@ def evaluate(
     ) as run:  # fmt: skip
         device = model_device(model)
         findings: list[Finding] = []
-        if checks:
+        # the pre-flight and unbounded checks read gradients and run white-box attacks: not on a black box
+        white_box = checks and not isinstance(model, BlackBox)
+        if white_box:
             probe = data.subset(slice(0, 64))
             findings += preflight(model, probe.x.to(device), probe.y.to(device))
         with eval_mode(model):
@@ -245,7 +268,7 @@ def evaluate(
             findings += posthoc(result, attack_list, threat_list)
             probe = data.subset(slice(0, 32))
             # an unbounded ball of any norm is the whole domain: one check per domain covers every norm
-            balls = {t.domain: t for t in threat_list if isinstance(t, LpBall)}
+            balls = {t.domain: t for t in threat_list if isinstance(t, LpBall)} if white_box else {}
             for ball in balls.values():
                 findings += unbounded_check(model, probe.x.to(device), probe.y.to(device), ball)
         for finding in findings:
@@ -268,12 +291,19 @@ def _evaluate_batch(
 ) -> list[SampleRecord]:
     """All records of one batch: every threat, the whole cascade."""
     t0 = time.perf_counter()
-    with torch.no_grad():
-        logits = model(x)
-    check_logits(logits, x.shape[0])
-    clean_pred = logits.argmax(dim=1)
+    oracle = isinstance(model, BlackBox)
+    if isinstance(model, BlackBox) and model.returns == "labels":
+        clean_pred = model.labels(x)  # a labels-only oracle answers nothing else
+    else:
+        with torch.no_grad():
+            logits = model(x)
+        check_logits(logits, x.shape[0])
+        clean_pred = logits.argmax(dim=1)
     correct = clean_pred == y
     n = x.shape[0]
+    # queries per threat and sample, counted where the attacks count them (the clean query above included)
+    spent = {t.key: torch.full((n,), 1 if oracle else 0, dtype=torch.long, device=x.device) for t in threats}
+    counted = oracle
     status: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # threat key -> (attack index or -1, distance)
     for family in _families(threats):
         # minimal-distortion attacks are run once per family; their distances decide every radius
@@ -301,6 +331,9 @@ def _evaluate_batch(
                         d = torch.full((n,), math.inf, device=x.device)
                         d[run] = res.distance.to(d.dtype)
                         minimal_cache[i] = d
+                        if res.queries is not None:  # spent once, on the family's first radius
+                            counted = True
+                            spent[threat.key][run] += res.queries.to(x.device)
                     d_run = minimal_cache[i][run]
                     eps = threat.eps if isinstance(threat, (LpBall, FlowThreat)) else math.inf
                     hit = d_run <= eps
@@ -308,6 +341,9 @@ def _evaluate_batch(
                     dist[run[hit]] = d_run[hit]
                     continue
                 res = attack(model, x[run], y[run], threat=threat, seed=seed)
+                if res.queries is not None:
+                    counted = True
+                    spent[threat.key][run] += res.queries.to(x.device)
                 hit = res.success
                 broken_by[run[hit]] = i
                 dist[run[hit]] = res.distance[hit].to(dist.dtype)
@@ -321,6 +357,7 @@ def _evaluate_batch(
     ys, preds = y.tolist(), clean_pred.tolist()
     for key in (t.key for t in threats):
         broken_by, dist = status[key]
+        q = spent[key].tolist()
         for j, (b, d) in enumerate(zip(broken_by.tolist(), dist.tolist())):
             falsified = b < len(attacks)
             records.append(
@@ -329,7 +366,7 @@ def _evaluate_batch(
                     status="falsified" if falsified else "unknown",
                     adv_distance=d if falsified else None,
                     attack=(CLEAN if b < 0 else names[b]) if falsified else None,
-                    seconds=share,
+                    seconds=share, queries=q[j] if counted else None,
                 )
             )  # fmt: skip
     return records

@@ -182,12 +182,32 @@ def test_what_the_budgets_cannot_verify_is_dropped_not_trusted(digits_model) -> 
         torch.testing.assert_close(res.success, model(res.x_adv).argmax(dim=1) != y)
 
 
+class Unbudgeted(Unqueried):
+    """A score attack that queries outside the ledger (``budgeted = False``)."""
+
+    budgeted = False
+
+    def run(
+        self,
+        model: CountingModel,
+        x: torch.Tensor,
+        criterion: Criterion,
+        threat: ThreatModel,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model(x)
+        return x, torch.ones(x.shape[0], dtype=torch.long, device=x.device)
+
+
 def test_an_attack_that_ignores_budgets_is_refused_on_a_budgeted_oracle(digits_model) -> None:
     model, x, y = digits_model
-    with pytest.raises(InputError, match=r"Square does not spend.*budget"):
-        Square(queries=10)(BlackBox(model, budget=10_000), x, y, threat=L2)
+    with pytest.raises(InputError, match=r"Unbudgeted does not spend.*budget"):
+        Unbudgeted()(BlackBox(model, budget=10_000), x, y, threat=L2)
     with pytest.raises(InputError, match="sample_budget"):
-        Square(queries=10)(BlackBox(model, sample_budget=100), x, y, threat=L2)
+        Unbudgeted()(BlackBox(model, sample_budget=100), x, y, threat=L2)
+    # Square spends through the ledger: it runs within both budgets
+    res = Square(queries=10)(BlackBox(model, sample_budget=6), x, y, threat=L2)
+    assert res.queries is not None and int(res.queries.max()) <= 6
 
 
 # ------------------------------------------------------------------------------------------------- access

@@ -390,3 +390,36 @@ def test_transfer_attack_runs_on_cuda(digits_mlp64, surrogates) -> None:
         assert res.transfer_rate > 0.1
     finally:
         sur.cpu(), target.cpu()
+
+
+# ------------------------------------------------------------------------------------- on a black-box target
+def test_transferred_runs_on_a_labels_only_oracle_and_matches_transfer_attack(digits_mlp64, surrogates) -> None:
+    from bastion import evaluate
+    from bastion.attacks import MIFGSM, Transferred
+    from bastion.models import BlackBox
+
+    target, x, y = digits_mlp64
+    x, y = x[:120], y[:120]
+    threat = LpBall("linf", 0.2)
+    oracle = BlackBox(lambda v: target(v).argmax(1), returns="labels", num_classes=10, budget=10_000)
+    surrogate = surrogates["mlp-seed2"]
+    res = evaluate(oracle, (x, y), threat, [Transferred(MIFGSM(), surrogate)], progress=False)
+    direct = transfer_attack(surrogate, target, x, y, attack=MIFGSM(), threat=threat)
+    correct = direct.target_clean_pred == y
+    # the same examples (MI-FGSM has no randomness), judged on the target through its labels only
+    broken = {r.index for r in res.records if r.status == "falsified" and r.attack != "clean"}
+    assert broken == set(torch.nonzero(direct.transfer_success & correct).squeeze(1).tolist())
+    # queries: evaluate's clean one, the attack's clean one, one re-verification per changed point; no scores read
+    assert all(r.queries is not None and 1 <= r.queries <= 3 for r in res.records)
+    assert oracle.queries == sum(r.queries or 0 for r in res.records)
+
+
+def test_a_transfer_attack_on_a_black_box_is_refused_with_the_way_out(digits_mlp64) -> None:
+    from bastion.attacks import MIFGSM, Transferred
+    from bastion.models import BlackBox
+
+    target, x, y = digits_mlp64
+    with pytest.raises(InputError, match="surrogate"):
+        MIFGSM()(BlackBox(target), x[:4], y[:4], threat=LpBall("linf", 0.1))
+    with pytest.raises(InputError, match="fixed-eps white-box or transfer"):
+        Transferred("fab", target)

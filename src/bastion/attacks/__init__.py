@@ -29,6 +29,7 @@ from bastion.attacks.transfer import (
     TIFGSM,
     Ensemble,
     TransferAttack,
+    Transferred,
     TransferResult,
     transfer_attack,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "StAdv",
     "TransferAttack",
     "TransferResult",
+    "Transferred",
     "UniversalPerturbation",
     "UniversalResult",
     "make_attack",

@@ -394,6 +394,12 @@ class Attack(ABC):
                 f"{name} is a white-box attack (it needs gradients) and cannot run on a BlackBox oracle; use a "
                 f"score-based attack ({names('score')}) or a decision-based one ({names('label')})"
             )
+        if self.access == "transfer":
+            raise InputError(
+                f"{name} is a transfer attack: it reads the gradients of the model it runs on, which a BlackBox "
+                f"oracle has not; craft it on a surrogate with Transferred({name}(), surrogate) "
+                "(bastion evaluate --surrogate MODEL)"
+            )
         if self.access == "score" and oracle.returns == "labels":
             raise InputError(
                 f"{name} reads scores but this BlackBox answers with labels only (returns='labels'); use a "

@@ -31,6 +31,7 @@ import torch
 
 from bastion.attacks.base import Attack, CountingModel, positive_int
 from bastion.errors import InputError
+from bastion.models.oracle import QueryLedger
 from bastion.results import Criterion
 from bastion.threat import LpBall, ThreatModel
 
@@ -142,6 +143,7 @@ class Square(Attack):
     name = "square"
     norms = ("linf", "l2")
     access = "score"
+    budgeted = True
     paper = (
         "Andriushchenko, Croce, Flammarion & Hein, Square Attack: a query-efficient black-box adversarial attack "
         "via random search, ECCV 2020"
@@ -188,41 +190,44 @@ class Square(Attack):
         if threat.norm == "l2" and math.isinf(threat.eps):
             raise InputError("the l2 Square Attack needs a finite eps (it keeps the perturbation on the eps-sphere)")
         n = x.shape[0]
-        used = torch.zeros(n, dtype=torch.long, device=x.device)
+        # every query goes through the ledger, so the per-sample and an oracle's total budgets hold
+        ledger = model.ledger(self.restarts * self.queries)
         best = x.clone()
         if threat.eps == 0:
-            return best, used  # nothing to search
+            return best, ledger.used  # nothing to search
         best_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
-            idx = (~found).nonzero().squeeze(1)
+            idx = ledger.afford((~found).nonzero().squeeze(1), 1)
             if idx.numel() == 0:
                 break
-            x_r, loss_r, hit_r, used_r = self._search(model, x[idx], criterion.subset(idx), threat, generator)
-            used[idx] += used_r
+            x_r, loss_r, hit_r = self._search(ledger, idx, x[idx], criterion.subset(idx), threat, generator)
             better = hit_r | (loss_r > best_loss[idx])
             best[idx[better]] = x_r[better]
             best_loss[idx[better]] = loss_r[better]
             found[idx[hit_r]] = True
-        return best, used
+        return best, ledger.used
 
     def _search(
         self,
-        model: CountingModel,
+        ledger: QueryLedger,
+        rows: torch.Tensor,
         x: torch.Tensor,
         criterion: Criterion,
         threat: LpBall,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One random search from a fresh start: best points, their losses, success mask and queries per sample."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One random search from a fresh start (``rows``: the samples' rows in the ledger, each able to pay its
+        first query): best points, their losses and the success mask."""
         kind = _LOSS_KIND[self.loss]
         x_best = self._init_linf(x, threat, generator) if threat.norm == "linf" else self._init_l2(x, threat, generator)
-        logits = model(x_best)
+        logits = ledger.scores(x_best, rows)
         best_loss = criterion.loss(logits, kind)
         done = criterion.is_adversarial(logits)
-        used = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
         for i in range(self.queries - 1):
             act = (~done).nonzero().squeeze(1)
+            if act.numel():
+                act = act[torch.isin(rows[act], ledger.afford(rows[act], 1))]  # a spent budget ends the sample
             if act.numel() == 0:
                 break
             p = p_schedule(self.p_init, i, self.queries)
@@ -231,8 +236,7 @@ class Square(Attack):
                 x_new = self._step_linf(x_a, best_a, threat, p, generator)
             else:
                 x_new = self._step_l2(x_a, best_a, threat, p, generator)
-            logits = model(x_new)
-            used[act] += 1
+            logits = ledger.scores(x_new, rows[act])
             crit = criterion.subset(act)
             loss = crit.loss(logits, kind)
             hit = crit.is_adversarial(logits)
@@ -241,7 +245,7 @@ class Square(Attack):
             x_best[act[better]] = x_new[better]
             best_loss[act[better]] = loss[better]
             done[act[hit]] = True
-        return x_best, best_loss, done, used
+        return x_best, best_loss, done
 
     # ----------------------------------------------------------------------------------------------- l∞
     @staticmethod

@@ -56,6 +56,7 @@ __all__ = [
     "Ensemble",
     "TransferAttack",
     "TransferResult",
+    "Transferred",
     "default_kernel_size",
     "gaussian_kernel",
     "input_diversity",
@@ -516,6 +517,63 @@ class MIDITIFGSM(TransferAttack):
     """
 
     name = "mi-di-ti-fgsm"
+
+
+# --------------------------------------------------------------------------------------------------- on a target
+class Transferred(Attack):
+    """A white-box (or transfer) attack crafted on surrogate models and judged on the target it is called with.
+
+    This is how a transfer attack enters a cascade of :func:`bastion.evaluate` on a model that gives no gradients
+    (a :class:`~bastion.models.oracle.BlackBox`): ``run`` never touches the target, the inner attack runs on
+    ``surrogate``, and the shared base projects its output onto the threat set and re-verifies it on the target (one
+    label query per changed sample, after the clean one). It reads only labels of the target.
+
+    Args:
+        attack: a fixed-eps white-box or transfer attack (e.g. :class:`MIFGSM`), or its registry name.
+        surrogate: the surrogate model, or a list of them (an :class:`Ensemble` of their logits).
+    """
+
+    name = ""  # needs a surrogate object: built in code or by `bastion evaluate --surrogate`, not by name
+    norms = ("linf", "l2", "l1")
+    access = "label"
+    budgeted = True
+
+    def __init__(self, attack: Attack | str, surrogate: nn.Module | Sequence[nn.Module]) -> None:
+        if isinstance(attack, str):
+            from bastion.attacks import make_attack  # the package imports this module: import at call time
+
+            attack = make_attack(attack)
+        if not isinstance(attack, Attack) or attack.minimal or attack.access not in ("white-box", "transfer"):
+            raise InputError(f"Transferred takes a fixed-eps white-box or transfer attack, got {attack!r}")
+        if isinstance(surrogate, (list, tuple)):
+            surrogate = surrogate[0] if len(surrogate) == 1 else Ensemble(list(surrogate))
+        if not isinstance(surrogate, nn.Module):
+            raise InputError(f"surrogate must be a torch.nn.Module or a list of them, got {type(surrogate).__name__}")
+        self.attack = attack
+        self.surrogate = surrogate
+
+    def _check_threat(self, threat: ThreatModel) -> None:
+        self.attack._check_threat(threat)  # the inner attack's norms are the ones that count
+
+    def options(self) -> dict[str, Any]:
+        return {"attack": self.attack, "surrogate": type(self.surrogate).__name__}
+
+    def run(
+        self,
+        model: CountingModel,
+        x: torch.Tensor,
+        criterion: Criterion,
+        threat: ThreatModel,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ledger = model.ledger()  # nothing is charged here: the base's re-verification is the only target query
+        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        dev = model_device(self.surrogate)
+        res = self.attack(
+            self.surrogate, x.to(dev), criterion.labels.to(dev), threat=threat,
+            targets=None if criterion.targets is None else criterion.targets.to(dev), seed=seed,
+        )  # fmt: skip
+        return res.x_adv.to(x), ledger.used
 
 
 # --------------------------------------------------------------------------------------------------- evaluation

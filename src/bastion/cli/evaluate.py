@@ -28,6 +28,8 @@ examples:
       --attack-opt steps=100 --attack-opt restarts=5 --store runs.db
   bastion evaluate --model mypkg.models:robust_net --data test.npz --eps 8/255 --attack standard --json
   bastion evaluate --model model.pt2 --data cifar10:~/data --eps 8/255 --attack rapid --attack-opt apgd.steps=50
+  bastion evaluate --model net.onnx --data digits --eps 0.2 --black-box scores --query-budget 1000 --attack simba,square
+  bastion evaluate --model target.pt --data digits --eps 0.2 --black-box labels --surrogate copy.pt --attack mi-fgsm
 
 model specs: FILE.pt2 (torch.export program), zoo:NAME@WEIGHTS.pt (zoo architecture + state dict, loaded with
   weights_only=True), WEIGHTS.pt (a file written by bastion's save_model), package.module:factory or
@@ -57,9 +59,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bastion.threat import LpBall
 
     plot = check_plot_path(args.plot) if args.plot else None
+    plot_queries = check_plot_path(args.plot_queries) if args.plot_queries else None
     model, data = model_and_data(args)
     threats = [LpBall(args.norm, e) for e in args.eps]
     attacks = build_attacks(args.attack, parse_opts(args.attack_opt), args.norm)
+    if args.surrogate:
+        from bastion.attacks import Transferred
+        from bastion.models import load_model, model_device
+
+        surrogates = [
+            load_model(spec, input_shape=data.feature_shape, num_classes=data.num_classes).to(model_device(model))
+            for spec in args.surrogate
+        ]
+        # gradient attacks are crafted on the surrogates and judged on the model; the others query the model
+        attacks = [
+            Transferred(a, surrogates) if a.access in ("white-box", "transfer") and not a.minimal else a
+            for a in attacks
+        ]
+    if args.black_box is not None:
+        model = _black_box(model, data.num_classes, args)
+    elif args.query_budget is not None or args.total_query_budget is not None:
+        raise BastionError("--query-budget and --total-query-budget need --black-box scores|labels")
     result = evaluate(
         model, data, threats, attacks, batch_size=args.batch_size, store=args.store, seed=args.seed,
         progress=not args.json, config={"model_spec": args.model, "data_spec": args.data},
@@ -69,7 +89,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from bastion.report import plot_robust_accuracy
 
         plot_robust_accuracy(result, plot, title=f"{args.model} on {data.name}")
+    if plot_queries is not None:
+        from bastion.report import plot_success_vs_queries
+
+        plot_success_vs_queries(result, plot_queries, title=f"{args.model} on {data.name}")
     return 0
+
+
+def _black_box(model: Any, num_classes: int, args: argparse.Namespace) -> Any:
+    """The model seen through a :class:`~bastion.models.oracle.BlackBox`: scores or labels, with the budgets."""
+    import torch
+
+    from bastion.models import BlackBox, model_fingerprint
+
+    budgets = {"budget": args.total_query_budget, "sample_budget": args.query_budget}
+    if args.black_box == "scores":
+        return BlackBox(model, returns="logits", num_classes=num_classes, **budgets)
+
+    def labels(x: Any) -> Any:
+        with torch.no_grad():
+            return model(x).argmax(dim=1)
+
+    return BlackBox(labels, returns="labels", num_classes=num_classes, fingerprint=model_fingerprint(model), **budgets)
 
 
 def _cache_dir() -> Path:
@@ -221,6 +262,32 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda")
     p.add_argument("--plot", default=None, help="write a robust-accuracy-vs-eps figure here (e.g. plot.png)")
+    p.add_argument(
+        "--black-box",
+        default=None,
+        choices=["scores", "labels"],
+        help="see the model only through its scores or its labels (score / decision-based attacks)",
+    )
+    p.add_argument(
+        "--query-budget",
+        type=positive_int,
+        default=None,
+        help="with --black-box: the most queries one attack may spend on one sample",
+    )
+    p.add_argument(
+        "--total-query-budget",
+        type=positive_int,
+        default=None,
+        help="with --black-box: the most queries of the whole evaluation",
+    )
+    p.add_argument(
+        "--surrogate",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="craft the gradient attacks on this model (repeat for an ensemble) and judge them on --model",
+    )
+    p.add_argument("--plot-queries", default=None, help="write a success-rate-vs-queries figure here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("runs", help="list the runs of a store, or show one", epilog=EPILOG_RUNS, formatter_class=fmt)

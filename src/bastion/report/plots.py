@@ -76,6 +76,45 @@ def plot_robust_accuracy(result: EvaluationResult, path: str | Path, *, title: s
     return _save(fig, path)
 
 
+def plot_success_vs_queries(result: EvaluationResult, path: str | Path, *, title: str | None = None) -> Path:
+    """Plot the attack success rate against the queries spent (one line per threat model).
+
+    The success rate at ``q`` queries is the fraction of correctly classified samples broken with at most ``q``
+    queries (the records' ``queries``: every query the oracle answered for the sample over the cascade).
+
+    Args:
+        result: an evaluation whose records count queries (a black-box oracle or score-based attacks).
+        path: where to write the figure (the format follows the suffix).
+        title: figure title.
+
+    Raises:
+        InputError: no record of the result counts queries.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not any(r.queries for r in result.records):
+        raise InputError("the evaluation's records count no queries (run it on a BlackBox or with score attacks)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in result.threats:
+        correct = [r for r in result.records if r.threat == key and r.clean_pred == r.label]
+        spent = sorted(r.queries for r in correct if r.status == "falsified" and r.queries)
+        if not correct or not spent:
+            continue
+        rate = [100 * (i + 1) / len(correct) for i in range(len(spent))]
+        ax.step([0, *spent], [0.0, *rate], where="post", label=key)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("queries per sample")
+    ax.set_ylabel("success rate (% of correctly classified)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(title or f"Attack success vs queries (n = {result.n}; {' → '.join(result.attacks)})")
+    return _save(fig, path)
+
+
 def plot_certified_accuracy(
     radii: Sequence[float],
     curves: Mapping[str, Sequence[float]],

@@ -294,6 +294,13 @@ def assess(
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from bastion.models.oracle import BlackBox
+
+    if isinstance(model, BlackBox):
+        raise InputError(
+            "assess certifies, which needs the network itself; a BlackBox oracle can only be attacked: use "
+            "bastion.evaluate with score- or decision-based attacks"
+        )
     data = as_dataset(data)
     l0 = isinstance(threat, LpBall) and threat.norm == "l0"
     threat = threat if l0 else _check_threat(threat)

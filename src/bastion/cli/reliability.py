@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bastion.cli.common import check_device, check_plot_path, parse_one_eps, positive_int, print_result
+from bastion.cli.common import check_plot_path, model_and_data, parse_one_eps, positive_int, print_result
 from bastion.errors import BastionError
 
 EPILOG_RELIABILITY = """\
@@ -56,18 +56,10 @@ def _encoder(spec: str, data: Any, args: argparse.Namespace) -> Any:
 
 def cmd_reliability(args: argparse.Namespace) -> int:
     """One call of :func:`~bastion.reliability.ram.assess_reliability` (after training the VAE, if asked)."""
-    from bastion.data import load_data
-    from bastion.models import load_model
     from bastion.reliability.ram import assess_reliability, plot_profile
 
     figure = check_plot_path(args.figure) if args.figure else None
-    device = check_device(args.device) if args.device else None
-    data = load_data(args.op_data)
-    if args.limit is not None:
-        data = data.subset(slice(0, args.limit))
-    model = load_model(args.model, input_shape=data.feature_shape, num_classes=data.num_classes)
-    if device is not None:
-        model = model.to(device)
+    model, data = model_and_data(args)  # --op-data is the data
     encoder = _encoder(args.encoder, data, args)
     result = assess_reliability(
         model, data, cells=args.cells, partition=args.partition, grid=args.grid, eps=args.eps, encoder=encoder,
@@ -75,7 +67,7 @@ def cmd_reliability(args: argparse.Namespace) -> int:
         confidence=args.confidence, mode=args.mode, certify=None if args.certify == "none" else args.certify,
         attack=None if args.attack == "none" else args.attack, splitting=args.splitting,
         cells_per_batch=args.cells_per_batch, store=args.store, progress=not args.json, seed=args.seed,
-        config={"model_spec": args.model, "op_data_spec": args.op_data, "encoder": args.encoder},
+        config={"model_spec": args.model, "op_data_spec": args.data, "encoder": args.encoder},
     )  # fmt: skip
     if figure is not None:
         plot_profile(result, figure)
@@ -85,7 +77,6 @@ def cmd_reliability(args: argparse.Namespace) -> int:
 
 def cmd_weight_robustness(args: argparse.Namespace) -> int:
     """One call of :func:`~bastion.reliability.weights.weight_robustness`."""
-    from bastion.cli.common import model_and_data
     from bastion.reliability.weights import weight_robustness
 
     model, data = model_and_data(args)
@@ -112,7 +103,8 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p = sub.add_parser("reliability", help="probability of failure per demand under an operational profile (RAM)",
                        epilog=EPILOG_RELIABILITY, formatter_class=fmt)  # fmt: skip
     p.add_argument("--model", required=True, help="model spec (as for `bastion evaluate`)")
-    p.add_argument("--op-data", required=True, help="operational data spec (labelled), e.g. digits or op.npz")
+    p.add_argument("--op-data", dest="data", required=True,
+                   help="operational data spec (labelled), e.g. digits or op.npz")  # fmt: skip
     p.add_argument("--encoder", default="none", help="vae (trained here), none, or the path of a saved VAE")
     p.add_argument("--latent-dim", type=positive_int, default=8, help="latent dimension of --encoder vae (8)")
     p.add_argument("--vae-epochs", type=positive_int, default=30, help="training epochs of --encoder vae (30)")

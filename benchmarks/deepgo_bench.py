@@ -8,10 +8,12 @@ outside MATLAB, so this script trains its own): N-0 .. N-5 are ReLU MLPs of incr
 
 each trained for 600 Adam steps (seed 0, float64) to regress the 2-D test function
 ``sin(x) cos(y) + 0.1 x`` on 4096 uniform points of [0, 10]^2. For each network the minimum and the maximum of its
-output over [0, 10]^2 are bracketed to tolerance 0.01 with the sound interval constant (default), and, for
-comparison, with the reference's dynamic slope estimate (``lipschitz="estimate"``, not sound). The dense grid
-(step 0.01, 1001^2 points) is the check: a sound result must have ``lower <= grid min`` (resp. ``upper >= grid
-max``).
+output over [0, 10]^2 are bracketed to tolerance 0.01 with the sound interval constant and its defaults (CROWN
+interval bounds on 32 pieces, one point per iteration as the paper), the same with ``points_per_iteration=8``
+(batched), and, for comparison, with the reference's dynamic slope estimate (``lipschitz="estimate"``, not sound,
+without interval bounds: the reference's method). ``--pure`` adds the paper's pure Lipschitz bound
+(``interval_bounds=None``; minutes on N-4 and N-5). The dense grid (step 0.01, 1001^2 points) is the check: a sound
+result must have ``lower <= grid min`` (resp. ``upper >= grid max``).
 
 The digits case trains a 64-32-10 MLP (300 Adam steps) on scikit-learn's 8x8 digits and bounds the range of the
 true-class logit of a test image when 2 and 3 chosen pixels move over [0, 1] (the others fixed), as the paper does
@@ -19,7 +21,8 @@ on MNIST with a few pixels.
 
 DeepGO's published times (MATLAB, its own N-0 .. N-5) are 0.4-15.1 s.
 
-Run: ``.venv/bin/python benchmarks/deepgo_bench.py [--quick]`` (``--quick``: N-0 .. N-2 only).
+Run: ``.venv/bin/python benchmarks/deepgo_bench.py [--quick] [--pure] [--time-limit S]`` (``--quick``: N-0 .. N-2
+only; ``--time-limit``: seconds per min or max search, default 120).
 """
 
 from __future__ import annotations
@@ -69,25 +72,35 @@ def grid_range(model: nn.Module, lo: float, hi: float, steps: int = 1001) -> tup
     return float(v.min()), float(v.max())
 
 
-def experiment1(names: list[str], time_limit: float) -> list[dict[str, object]]:
+#: (label, options of deepgo_range) of each row of experiment 1; PURE is added with --pure.
+CONFIGS: list[tuple[str, dict[str, object]]] = [
+    ("interval", {}),
+    ("interval-ppi8", {"points_per_iteration": 8}),
+    ("estimate", {"lipschitz": "estimate", "interval_bounds": None}),
+]
+PURE = ("interval-pure", {"interval_bounds": None})
+
+
+def experiment1(names: list[str], time_limit: float, pure: bool = False) -> list[dict[str, object]]:
     rows = []
     lo, hi = torch.zeros(1, 2, dtype=torch.float64), torch.full((1, 2), 10.0, dtype=torch.float64)
     c = torch.ones(1, dtype=torch.float64)
+    configs = [*CONFIGS, PURE] if pure else CONFIGS
     for name in names:
         model = train_function_net(ARCHS[name])
         gmin, gmax = grid_range(model, 0.0, 10.0)
-        for lip in ("interval", "estimate"):
+        for label, options in configs:
             t0 = time.perf_counter()
-            mn, mx = deepgo_range(model, lo, hi, c, tolerance=0.01, lipschitz=lip, time_limit=time_limit)
+            mn, mx = deepgo_range(model, lo, hi, c, tolerance=0.01, time_limit=time_limit, **options)  # type: ignore[arg-type]
             secs = time.perf_counter() - t0
             row = {
-                "net": name, "hidden": ARCHS[name], "lipschitz": lip, "sound": mn.sound,
+                "net": name, "hidden": ARCHS[name], "config": label, "options": options, "sound": mn.sound,
                 "min": [round(float(mn.lower), 5), round(float(mn.upper), 5)], "grid_min": round(gmin, 5),
                 "max": [round(float(mx.lower), 5), round(float(mx.upper), 5)], "grid_max": round(gmax, 5),
                 "converged": bool(mn.converged.all()) and bool(mx.converged.all()),
                 "brackets_grid": float(mn.lower) <= gmin + 1e-12 and float(mx.upper) >= gmax - 1e-12,
-                "iterations": [mn.iterations, mx.iterations], "evaluations": mn.evaluations + mx.evaluations,
-                "seconds": round(secs, 2),
+                "iterations": [mn.iterations, mx.iterations], "evaluations": [mn.evaluations, mx.evaluations],
+                "seconds": round(secs, 2), "seconds_min_max": [round(mn.seconds, 2), round(mx.seconds, 2)],
                 "K_outer": [round(float(mn.lipschitz[0]), 4), round(float(mx.lipschitz[0]), 4)],
             }  # fmt: skip
             rows.append(row)
@@ -141,11 +154,12 @@ def digits_case(time_limit: float) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N-0 .. N-2 only")
+    parser.add_argument("--pure", action="store_true", help="also the pure Lipschitz bound (interval_bounds=None)")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per min or max search")
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = list(ARCHS)[:3] if args.quick else list(ARCHS)
-    experiment1(names, args.time_limit)
+    experiment1(names, args.time_limit, pure=args.pure)
     digits_case(args.time_limit)
 
 

@@ -103,7 +103,8 @@ def test_exact_on_linear_maps(norm: str) -> None:
     exact = _dual(C @ W, norm)
     torch.testing.assert_close(lipschitz_constant(net, lo, hi, C, norm=norm), exact, rtol=1e-12, atol=1e-12)
     assert bool((lipschitz_constant(net, lo, hi, C, norm=norm, method="norms") >= exact * (1 - 1e-12)).all())
-    one = randomise(nn.Linear(4, 3), g)
+    one = nn.Linear(4, 3)
+    randomise(one, g)  # in place (float64, eval mode); keeps the Linear type for the weight below
     W1 = one.weight.detach()
     got = lipschitz_constant(one, lo, hi, C, norm=norm, method="norms")
     torch.testing.assert_close(got, _dual(C @ W1, norm), rtol=1e-12, atol=1e-12)

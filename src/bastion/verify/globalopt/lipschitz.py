@@ -243,7 +243,9 @@ def _maxpool_backward(op: MaxPool2dOp, a: Interval, lo: Tensor, hi: Tensor) -> I
     return g_lo.reshape(n, m, *op.in_shape), g_hi.reshape(n, m, *op.in_shape)
 
 
-def gradient_interval(net: Network, lower: Tensor, upper: Tensor, C: Tensor) -> Interval:
+def gradient_interval(
+    net: Network, lower: Tensor, upper: Tensor, C: Tensor, *, pre: dict[str, Interval] | None = None
+) -> Interval:
     """Elementwise bounds ``G_lo <= ∇_x (C_i · f(x)) <= G_hi`` valid for every ``x`` in the box.
 
     Args:
@@ -251,15 +253,20 @@ def gradient_interval(net: Network, lower: Tensor, upper: Tensor, C: Tensor) -> 
         lower: ``(N, *input_shape)``.
         upper: ``(N, *input_shape)``.
         C: ``(N, m, K)`` specification rows over the flattened outputs.
+        pre: pre-activation bounds of every nonlinear node over this box (e.g. from
+            :func:`~bastion.verify.crown.intermediate_bounds`, which a caller that also bounds the outputs
+            computes once for both); None: computed here with CROWN. Bounds that do not hold on the box make the
+            result unsound.
 
     Returns:
         ``(G_lo, G_hi)``, each ``(N, m, *input_shape)``.
     """
     n, m = C.shape[:2]
-    pre: dict[str, Interval] = {}
-    if net.nonlinear_nodes():
-        with torch.no_grad():
-            pre = intermediate_bounds(net, lower, upper)
+    if pre is None:
+        pre = {}
+        if net.nonlinear_nodes():
+            with torch.no_grad():
+                pre = intermediate_bounds(net, lower, upper)
     out = C.reshape(n, m, *net.output_shape)
     coef: dict[str, Interval] = {net.output_name: (out, out)}
     for name in reversed(list(net.nodes)):

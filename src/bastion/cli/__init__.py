@@ -7,7 +7,7 @@ One module per command group, each registering its commands with ``add_parsers(s
 (demo, evaluate, runs, attacks), :mod:`.smooth`, :mod:`.train` and :mod:`.verify` (certify, assess, vnncomp);
 :mod:`.testing` (test coverage, test generate); :mod:`.globalopt` (verify-global); :mod:`.estimate` (estimate clever,
 estimate splitting); :mod:`.measure` (measure: generalisation measures); :mod:`.reliability` (reliability,
-weight-robustness);
+weight-robustness); :mod:`.poison` (poison: poisoned training sets);
 :mod:`.common` holds what they share.
 """
 
@@ -18,7 +18,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from bastion.cli import estimate, evaluate, globalopt, measure, reliability, smooth, testing, train, verify
+from bastion.cli import estimate, evaluate, globalopt, measure, poison, reliability, smooth, testing, train, verify
 from bastion.cli.evaluate import demo_model
 from bastion.errors import BastionError
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    for group in (evaluate, smooth, train, verify, globalopt, testing, estimate, measure, reliability):
+    for group in (evaluate, smooth, train, verify, globalopt, testing, estimate, measure, reliability, poison):
         group.add_parsers(sub, fmt)
     return parser
 

@@ -8,6 +8,7 @@ One module per command group, each registering its commands with ``add_parsers(s
 :mod:`.testing` (test coverage, test generate); :mod:`.globalopt` (verify-global); :mod:`.estimate` (estimate clever,
 estimate splitting); :mod:`.measure` (measure: generalisation measures); :mod:`.reliability` (reliability,
 weight-robustness); :mod:`.poison` (poison: poisoned training sets);
+:mod:`.backdoor` (backdoor-scan);
 :mod:`.common` holds what they share.
 """
 
@@ -18,7 +19,19 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from bastion.cli import estimate, evaluate, globalopt, measure, poison, reliability, smooth, testing, train, verify
+from bastion.cli import (
+    backdoor,
+    estimate,
+    evaluate,
+    globalopt,
+    measure,
+    poison,
+    reliability,
+    smooth,
+    testing,
+    train,
+    verify,
+)
 from bastion.cli.evaluate import demo_model
 from bastion.errors import BastionError
 
@@ -46,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    for group in (evaluate, smooth, train, verify, globalopt, testing, estimate, measure, reliability, poison):
+    groups = (evaluate, smooth, train, verify, globalopt, testing, estimate, measure, reliability, poison, backdoor)
+    for group in groups:
         group.add_parsers(sub, fmt)
     return parser
 

@@ -31,7 +31,7 @@ import json
 import math
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -585,7 +585,7 @@ def clean_accuracy(model: nn.Module, test: Dataset, *, batch_size: int = 512) ->
 def attack_success_rate(
     model: nn.Module,
     test: Dataset,
-    trigger: Trigger,
+    trigger: Trigger | Callable[[Tensor], Tensor],
     target: int | None = None,
     *,
     mode: str = "all-to-one",
@@ -604,7 +604,8 @@ def attack_success_rate(
     Args:
         model: the (possibly backdoored) classifier.
         test: clean test data (the trigger is applied here).
-        trigger: the backdoor trigger (a :class:`Trigger`, e.g. ``poisoned.trigger``).
+        trigger: the backdoor trigger (a :class:`Trigger`, e.g. ``poisoned.trigger``), or any function
+            ``x -> x_triggered`` on a batch.
         target: the target class; required for ``all-to-one``.
         mode: ``"all-to-one"`` or ``"all-to-all"``.
         batch_size: inputs per forward pass.
@@ -618,12 +619,17 @@ def attack_success_rate(
     _check_model(model)
     if not isinstance(test, Dataset):
         raise InputError(f"test must be a bastion Dataset, got {type(test).__name__}")
-    if not isinstance(trigger, Trigger):
-        raise InputError(f"trigger must be a bastion Trigger, got {type(trigger).__name__}")
-    if tuple(trigger.feature_shape) != test.feature_shape:
-        raise InputError(
-            f"the trigger applies to inputs {trigger.feature_shape}, the test data holds {test.feature_shape}"
-        )
+    stamp: Callable[[Tensor], Tensor]
+    if isinstance(trigger, Trigger):
+        if tuple(trigger.feature_shape) != test.feature_shape:
+            raise InputError(
+                f"the trigger applies to inputs {trigger.feature_shape}, the test data holds {test.feature_shape}"
+            )
+        stamp = trigger.apply
+    elif callable(trigger):
+        stamp = trigger  # e.g. a reverse-engineered trigger, or a test's own stamp function
+    else:
+        raise InputError(f"trigger must be a bastion Trigger or a function x -> x', got {type(trigger).__name__}")
     mode = check_mode(mode)
     y = test.y.cpu()
     if mode == "all-to-one":
@@ -642,7 +648,7 @@ def attack_success_rate(
     with torch.no_grad(), eval_mode(model):
         for start in range(0, keep.numel(), batch_size):
             idx = keep[start : start + batch_size]
-            xb = trigger.apply(test.x[idx.to(test.x.device)].to(device))
+            xb = stamp(test.x[idx.to(test.x.device)].to(device))
             logits = model(xb)
             if start == 0:
                 check_logits(logits, xb.shape[0])

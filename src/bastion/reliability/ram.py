@@ -1133,6 +1133,8 @@ def plot_profile(result: RAMResult, path: str | Path, *, resolution: int = 200, 
                 ax.scatter(np.maximum(mass[sel], 1e-300), lam[sel], s=8, c=c, label=status, alpha=0.7)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-4)
+        # λ is a probability: without this the symmetric-log axis mirrors an empty negative half below 0
+        ax.set_ylim(0.0, 1.5)
         ax.set_xlabel("cell mass OP (renormalised)")
         ax.set_ylabel("cell unastuteness λ")
         ax.legend(loc="best")

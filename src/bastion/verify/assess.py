@@ -223,9 +223,7 @@ def _check_keywords(where: str, options: dict[str, Any], fn: Callable[..., Any],
     """InputError unless every key of ``options`` is a keyword-only option of ``fn`` that assess leaves free."""
     import inspect
 
-    free = {
-        k for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and k not in fixed
-    }
+    free = {k for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and k not in fixed}
     bad = sorted(set(options) - free)
     if bad:
         raise InputError(f"{where}: {fn.__name__} has no option {bad} that assess leaves free; options: {sorted(free)}")

@@ -64,7 +64,7 @@ def check_domain(domain: object) -> tuple[float, float]:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # reshape(n, -1) fails on an empty batch
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

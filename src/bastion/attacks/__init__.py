@@ -9,7 +9,19 @@ from typing import Any
 
 from bastion.attacks.apgd import APGD, APGDT
 from bastion.attacks.base import ATTACKS, Attack, CountingModel
-from bastion.attacks.blackbox import NES, ZOO, AutoZOOM, BanditsTD, SimBA, SimBADCT
+from bastion.attacks.blackbox import (
+    NES,
+    OPT,
+    ZOO,
+    AutoZOOM,
+    BanditsTD,
+    BoundaryAttack,
+    HopSkipJump,
+    RayS,
+    SignOPT,
+    SimBA,
+    SimBADCT,
+)
 from bastion.attacks.cw import CarliniWagnerL0, CarliniWagnerL2, CarliniWagnerLinf
 from bastion.attacks.deepfool import DeepFool
 from bastion.attacks.ead import EAD
@@ -61,6 +73,7 @@ __all__ = [
     "MIDITIFGSM",
     "MIFGSM",
     "NES",
+    "OPT",
     "PGD",
     "TIFGSM",
     "ZOO",
@@ -68,6 +81,7 @@ __all__ = [
     "Attack",
     "AutoZOOM",
     "BanditsTD",
+    "BoundaryAttack",
     "CarliniWagnerL0",
     "CarliniWagnerL2",
     "CarliniWagnerLinf",
@@ -76,7 +90,10 @@ __all__ = [
     "Ensemble",
     "GeneralizedUniversalPerturbation",
     "GeneralizedUniversalResult",
+    "HopSkipJump",
     "PatchResult",
+    "RayS",
+    "SignOPT",
     "SimBA",
     "SimBADCT",
     "Square",

@@ -8,15 +8,24 @@ spends its queries through the per-sample ledger (``Attack.budgeted``), so an or
 from __future__ import annotations
 
 from bastion.attacks.blackbox.bandits import BanditsTD
+from bastion.attacks.blackbox.boundary import BoundaryAttack
+from bastion.attacks.blackbox.hsj import HopSkipJump
 from bastion.attacks.blackbox.nes import NES
+from bastion.attacks.blackbox.rays import RayS
+from bastion.attacks.blackbox.signopt import OPT, SignOPT
 from bastion.attacks.blackbox.simba import SimBA, SimBADCT
 from bastion.attacks.blackbox.zoo import ZOO, AutoZOOM
 
 __all__ = [
     "NES",
+    "OPT",
     "ZOO",
     "AutoZOOM",
     "BanditsTD",
+    "BoundaryAttack",
+    "HopSkipJump",
+    "RayS",
+    "SignOPT",
     "SimBA",
     "SimBADCT",
 ]

@@ -18,6 +18,7 @@ from bastion.defenses.regularizers import (
     lipschitz_upper_bound,
     parseval_retraction,
     spectral_normalize,
+    weight_matrices,
 )
 from bastion.errors import InputError, ModelError
 from bastion.models import build_model
@@ -247,3 +248,27 @@ def test_regularized_passes_the_schedule_hooks_through() -> None:
     assert inner.eps == 0.0  # the warm-up
     wrapped.step_start(299, 300)
     assert inner.eps == pytest.approx(0.3)
+
+
+def test_the_trainer_applies_the_parseval_retraction_after_every_step() -> None:
+    from bastion.data import load_digits
+    from bastion.defenses.regularizers import regularize
+    from bastion.defenses.training import AdversarialTrainer
+    from bastion.defenses.training.trainer import StandardObjective
+
+    def frame_residual(model: nn.Module) -> float:
+        return sum(float(_gram(w.detach())) for _, w in weight_matrices(model))
+
+    def _gram(w: torch.Tensor) -> torch.Tensor:
+        g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        return (g - torch.eye(g.shape[0])).pow(2).sum()
+
+    data = load_digits().subset(slice(0, 200))
+    residuals = []
+    for specs in ([], [("parseval", 0.05)]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        objective = regularize(StandardObjective(), model, specs)
+        AdversarialTrainer(objective, epochs=3, batch_size=20, lr=1e-3, progress=False).fit(model, data)
+        residuals.append(frame_residual(model))
+    assert residuals[1] < 0.5 * residuals[0]

@@ -19,6 +19,8 @@ examples:
       --objective-opt beta=1.0 --validation-fraction 0.1 --restore-best
   bastion train --objective fast-at --eps 0.3 --data mnist:~/data/mnist:train --epochs 10 --out fast.pt --resume
   torchrun --nproc-per-node 2 -m bastion.cli train --objective pgd-at --eps 0.3 --data digits --out m.pt
+  bastion train --objective standard --data digits --arch mlp --regularizer parseval --regularizer \
+      weight-correlation=0.1 --out parseval.pt
 
 objectives: standard, fgsm-at, pgd-at, free-at, fast-at, n-fgsm, trades, mart, vat, wrm, feature-scattering,
   at-scr, latent-manifold, gaussian-noise, ibp, crown-ibp (options with --objective-opt KEY=VALUE, e.g. steps=10,
@@ -26,7 +28,28 @@ objectives: standard, fgsm-at, pgd-at, free-at, fast-at, n-fgsm, trades, mart, v
   crown-ibp are certified training, l-inf only; vat, wrm and gaussian-noise set their own perturbation size and ignore
   --eps/--norm, which then only define the validation attack). A checkpoint is written after every epoch
   (OUT.ckpt unless --checkpoint); --resume continues from it with the same result as an uninterrupted run.
+
+regularizers (--regularizer NAME[=WEIGHT], repeatable, added to any objective): parseval (Cisse et al. 2017:
+  retraction after every step, WEIGHT = beta, default 0.0003), parseval-penalty (WEIGHT · ||W Wᵀ - I||²/2, 1.0),
+  spectral-norm (Miyato et al. 2018: every layer reparametrised as W / sigma(W); the saved model has the
+  normalised weights baked in), lipschitz (WEIGHT · log of the global Lipschitz bound, 0.01), weight-correlation
+  (Jin et al. 2020: WEIGHT · mean |cos| between neurons, 0.1).
 """
+
+
+def _regularizers(items: list[str]) -> list[tuple[str, float | None]]:
+    """``--regularizer NAME[=WEIGHT]`` values as (name, weight or None)."""
+    out: list[tuple[str, float | None]] = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not name.strip():
+            raise BastionError(f"--regularizer {item!r}: expected NAME or NAME=WEIGHT (e.g. parseval=0.0003)")
+        try:
+            weight = float(raw) if sep else None
+        except ValueError:
+            raise BastionError(f"--regularizer {item!r}: the weight {raw!r} is not a number") from None
+        out.append((name.strip(), weight))
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -34,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from bastion.data import load_data
+    from bastion.defenses.regularizers import regularize, remove_spectral_normalization
     from bastion.defenses.training import AdversarialTrainer, make_objective
     from bastion.models import build_model, save_model
     from bastion.threat import LpBall
@@ -57,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     objective = make_objective(args.objective, threat, **options)
     torch.manual_seed(args.seed)  # the initial weights, so that --resume rebuilds the same starting model
     model = build_model(args.arch, data.feature_shape, data.num_classes)
+    objective = regularize(objective, model, _regularizers(args.regularizer))
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # under torchrun: one GPU per process
     if device is not None:
@@ -73,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.fit(model, data)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 writes the model and reports
+    remove_spectral_normalization(model)  # a plain model of its architecture, loadable as one
     model_config = {"input_shape": list(data.feature_shape), "num_classes": data.num_classes}
     save_model(model.cpu(), out, arch=args.arch, config=model_config)
     rows = [m.to_dict() for m in result.history]
@@ -120,6 +146,13 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--restore-best", action="store_true",
                    help="end with the weights of the epoch of best validation robust accuracy (Rice et al. 2020)",
                    )  # fmt: skip
+    p.add_argument(
+        "--regularizer",
+        action="append",
+        default=[],
+        metavar="NAME[=WEIGHT]",
+        help="add a regulariser to the objective (repeatable; see below)",
+    )
     p.add_argument("--out", required=True, help="where to save the trained model (save_model format)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")

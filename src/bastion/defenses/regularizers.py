@@ -39,6 +39,7 @@ from bastion.errors import InputError, ModelError
 from bastion.models.normalize import Normalize
 
 __all__ = [
+    "REGULARIZERS",
     "LipschitzMargin",
     "LipschitzPenalty",
     "ParsevalPenalty",
@@ -46,6 +47,8 @@ __all__ = [
     "WeightCorrelation",
     "lipschitz_upper_bound",
     "parseval_retraction",
+    "regularize",
+    "remove_spectral_normalization",
     "spectral_normalize",
     "weight_matrices",
 ]
@@ -94,6 +97,19 @@ def spectral_normalize(model: nn.Module, *, n_power_iterations: int = 1, eps: fl
         if parametrize.is_parametrized(m, "weight"):
             continue
         spectral_norm(m, n_power_iterations=n_power_iterations, eps=eps)
+    return model
+
+
+def remove_spectral_normalization(model: nn.Module) -> nn.Module:
+    """Bake every spectrally normalised weight into a plain parameter (``W / sigma(W)`` at its current value).
+
+    The model then has the layout of an ordinary model of its architecture, so it saves and loads like one, and
+    computes exactly what it computed before (in eval mode). ``sigma`` is the power iteration's running estimate,
+    a lower bound of the true spectral norm, so a baked layer's norm can be slightly above 1.
+    """
+    for m in model.modules():
+        if isinstance(m, _WEIGHTED) and parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return model
 
 
@@ -415,7 +431,13 @@ class Regularized:
             ``uses_data = True``, or a function of two required arguments), ``reg(model, x)``.
     """
 
-    def __init__(self, objective: Callable[..., Tensor], regularizers: Sequence[tuple[Regularizer, float]]) -> None:
+    def __init__(
+        self,
+        objective: Callable[..., Tensor],
+        regularizers: Sequence[tuple[Regularizer, float]],
+        *,
+        after_step: Sequence[Callable[[nn.Module], None]] = (),
+    ) -> None:
         if not callable(objective):
             raise InputError(f"objective must be callable as objective(model, x, y), got {objective!r}")
         pairs: list[tuple[Regularizer, float, bool]] = []
@@ -424,8 +446,11 @@ class Regularized:
                 raise InputError(f"regularizers must be (callable, weight) pairs, got {item!r}")
             reg, weight = item
             pairs.append((reg, positive_float("regularizer weight", weight, allow_zero=True), _uses_data(reg)))
+        if not all(callable(f) for f in after_step):
+            raise InputError(f"after_step must be callables f(model), got {list(after_step)!r}")
         self.objective = objective
         self.regularizers = pairs
+        self.after_step = list(after_step)
         #: the last batch's value of each regulariser (unweighted, detached: no host sync), for logging
         self.last: list[Tensor] = []
 
@@ -465,10 +490,81 @@ class Regularized:
         if callable(fn):
             fn(step, total_steps)
 
+    def step_end(self, model: nn.Module) -> None:
+        """After each optimiser step: the weight updates of ``after_step`` (a Parseval retraction), then the
+        wrapped objective's own ``step_end``."""
+        for fn in self.after_step:
+            fn(model)
+        hook = getattr(self.objective, "step_end", None)
+        if callable(hook):
+            hook(model)
+
     def extra_parameters(self) -> list[nn.Parameter]:
         fn = getattr(self.objective, "extra_parameters", None)
         return list(fn()) if callable(fn) else []
 
     def __repr__(self) -> str:
-        regs = ", ".join(f"({reg!r}, {w})" for reg, w, _ in self.regularizers)
-        return f"Regularized({self.objective!r}, [{regs}])"
+        regs = ", ".join(f"({reg!r}, {weight})" for reg, weight, _ in self.regularizers)
+        post = f", after_step={self.after_step!r}" if self.after_step else ""
+        return f"Regularized({self.objective!r}, [{regs}]{post})"
+
+
+class _Retraction:
+    """``parseval_retraction(model, beta=beta)`` as an after-step update with a readable repr."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = positive_float("beta", beta)
+
+    def __call__(self, model: nn.Module) -> None:
+        parseval_retraction(model, beta=self.beta)
+
+    def __repr__(self) -> str:
+        return f"parseval_retraction(beta={self.beta})"
+
+
+#: regulariser name -> (what the weight means, its default). ``regularize`` builds them; ``bastion train
+#: --regularizer NAME[=WEIGHT]`` reaches them.
+REGULARIZERS: dict[str, tuple[str, float]] = {
+    "parseval": ("retraction step beta after every update (Cisse et al.: 0.0003)", 0.0003),
+    "parseval-penalty": ("weight of beta/2 ||W W^T - I||_F^2 (beta = 1)", 1.0),
+    "spectral-norm": ("ignored (a reparametrisation, Miyato et al.)", 1.0),
+    "lipschitz": ("weight of log of the global Lipschitz bound", 0.01),
+    "weight-correlation": ("weight of the mean |cos| between neurons (Jin et al.)", 0.1),
+}
+
+
+def regularize(
+    objective: Callable[..., Tensor], model: nn.Module, specs: Sequence[tuple[str, float | None]]
+) -> Callable[..., Tensor]:
+    """``objective`` with the named regularisers of :data:`REGULARIZERS` added (``model`` changed in place for
+    ``spectral-norm``).
+
+    Args:
+        objective: the training objective.
+        model: the model to be trained; ``spectral-norm`` reparametrises its layers now (bake the result with
+            :func:`remove_spectral_normalization` before saving).
+        specs: ``(name, weight)`` pairs, ``weight=None`` for the default of :data:`REGULARIZERS`.
+
+    Returns:
+        ``objective`` itself when no penalty or retraction is asked for, else a :class:`Regularized`.
+    """
+    penalties: list[tuple[Regularizer, float]] = []
+    after: list[Callable[[nn.Module], None]] = []
+    for name, weight in specs:
+        key = str(name).strip().lower().replace("_", "-")
+        if key not in REGULARIZERS:
+            raise InputError(f"unknown regularizer {name!r}; available: {', '.join(REGULARIZERS)}")
+        w = REGULARIZERS[key][1] if weight is None else positive_float(f"{key} weight", weight, allow_zero=True)
+        if key == "parseval":
+            after.append(_Retraction(w))
+        elif key == "parseval-penalty":
+            penalties.append((ParsevalPenalty(beta=1.0), w))
+        elif key == "spectral-norm":
+            spectral_normalize(model)
+        elif key == "lipschitz":
+            penalties.append((LipschitzPenalty(), w))
+        else:
+            penalties.append((WeightCorrelation(), w))
+    if not penalties and not after:
+        return objective
+    return Regularized(objective, penalties, after_step=after)

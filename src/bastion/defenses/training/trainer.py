@@ -30,6 +30,8 @@ The objective protocol
   (0-based; every replay of a Free-AT minibatch is a step) and the run's planned number of steps,
   ``passes · ceil(n / batch_size) · replays``. The counter is checkpointed, so a resumed run sees exactly the steps
   an uninterrupted one would, and every DDP rank sees the same step. Per-step ramps (certified training) use it.
+* ``step_end(model)``: called after each optimiser step with the (unwrapped) model, for updates of the weights that
+  are not gradient steps (the Parseval retraction of :class:`~bastion.defenses.regularizers.Regularized`).
 * ``extra_parameters()``: parameters the objective optimises itself; the trainer's optimiser leaves them alone.
 """
 
@@ -555,6 +557,8 @@ class AdversarialTrainer:
         uses_unlabelled = bool(getattr(objective, "uses_unlabelled", False))
         step_hook = getattr(objective, "step_start", None)
         step_hook = step_hook if callable(step_hook) else None
+        end_hook = getattr(objective, "step_end", None)
+        end_hook = end_hook if callable(end_hook) else None
         bar = tqdm(
             total=self.passes,
             initial=resumed_from,
@@ -611,6 +615,8 @@ class AdversarialTrainer:
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
+                        if end_hook is not None:
+                            end_hook(model)
                         state["step"] += 1
                         sums[0] += float(loss.detach()) * yb.numel()
                         sums[3] += yb.numel()

@@ -59,6 +59,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fc-at": {"arch": "fc-784-100-100-10", "seed": 0, "epochs": 3, "batch_size": 64, "lr": 1e-3, "at": AT_EPS},
     "conv": {"arch": "conv-8-16-100", "seed": 0, "epochs": 5, "batch_size": 64, "lr": 1e-3, "at": None},
     "conv-at": {"arch": "conv-8-16-100", "seed": 0, "epochs": 3, "batch_size": 64, "lr": 1e-3, "at": AT_EPS},
+    # the VNN-COMP 2021 ``mnistfc`` shapes (784-256xK-10, normally trained), for vnncomp_selfmade.py --suite mnistfc
+    "fc-256x2": {"arch": "fc-784-256x2-10", "seed": 0, "epochs": 5, "batch_size": 64, "lr": 1e-3, "at": None},
+    "fc-256x4": {"arch": "fc-784-256x4-10", "seed": 0, "epochs": 5, "batch_size": 64, "lr": 1e-3, "at": None},
+    "fc-256x6": {"arch": "fc-784-256x6-10", "seed": 0, "epochs": 5, "batch_size": 64, "lr": 1e-3, "at": None},
 }
 EPS_GRID = {
     "fc": (0.005, 0.01, 0.02, 0.05),
@@ -74,6 +78,12 @@ def build(arch: str) -> nn.Module:
         return nn.Sequential(
             nn.Flatten(), nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)
         )
+    if arch.startswith("fc-784-256x"):
+        depth = int(arch.removeprefix("fc-784-256x").removesuffix("-10"))
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i in range(depth):
+            layers += [nn.Linear(784 if i == 0 else 256, 256), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(256, 10))
     if arch == "conv-8-16-100":
         return nn.Sequential(
             nn.Conv2d(1, 8, 4, stride=2, padding=1),  # 8 x 14 x 14
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="evaluation images (the first N of the 2,000)")
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per method (after one warm-up)")
-    parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--models", nargs="+", default=list(EPS_GRID), choices=list(EPS_GRID))
     parser.add_argument("--retrain", action="store_true", help="ignore the cached models")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)

@@ -21,6 +21,13 @@ Each sample's certified radius is found by bisection on eps (on by default, as i
 skips it, and the certified lower bound is then eps for the certified samples.
 """
 
+RAY_NOTE = """\
+With --ray ADDRESS (auto: the running cluster, local: start Ray here, or HOST:PORT) the samples are sharded over a
+Ray cluster (pip install 'bastion[ray]'), whole batches per shard (--shards N; default one batch per shard): the
+records and the store run are those of the single-process run, written as shards finish; a killed worker's shard
+is retried, and the same command resumes. Every node needs bastion and the --model file at the same path.
+"""
+
 EPILOG_CERTIFY = f"""\
 examples:
   bastion certify --model zoo:mlp@digits-mlp.pt --data digits --norm linf --eps 0.05 --method crown
@@ -30,7 +37,8 @@ methods: ibp, crown, alpha-crown, deeppoly, deepz (zonotopes), symbolic (ReluVal
   (all methods), l2 and l1 (crown/deeppoly/alpha-crown/deepz/symbolic bound the ball with the dual norm; ibp its
   enclosing box).
 
-{RADIUS_NOTE}"""
+{RADIUS_NOTE}
+{RAY_NOTE}"""
 
 EPILOG_ASSESS = f"""\
 examples:
@@ -45,7 +53,8 @@ sample, and reports robust / falsified / unknown with the bracket [certified rad
 per sample. l0 threats run L0-TRE's bounds instead of the verifiers. --estimates adds CLEVER scores and multilevel-
 splitting log-probabilities to each record (estimates, not proofs).
 
-{RADIUS_NOTE}"""
+{RADIUS_NOTE}
+{RAY_NOTE}"""
 
 
 def _add_radius_flag(p: argparse.ArgumentParser) -> None:
@@ -67,6 +76,40 @@ def _certify_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return model, data, LpBall(args.norm, args.eps[0], domain=data.domain)
 
 
+def _add_ray_flags(p: argparse.ArgumentParser, unit: str) -> None:
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="shard over a Ray cluster: auto (the running one), local (start one here) or HOST:PORT",
+    )
+    p.add_argument(
+        "--shards", type=positive_int, default=None, help=f"with --ray: number of shards (default: one {unit} each)"
+    )
+
+
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray keyword arguments of ``bastion.scale`` from --ray, --shards and --device."""
+    if args.shards is not None and not args.ray:
+        raise BastionError("--shards needs --ray ADDRESS")
+    device = getattr(args, "device", None)
+    gpus = 1 if device and device.startswith("cuda") else 0
+    return {"address": args.ray, "shards": args.shards, "device": device, "gpus_per_worker": gpus}
+
+
+def _ray_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Data (cut to --limit) and threat for a --ray run: the model stays a spec, loaded on every worker."""
+    from bastion.data import load_data
+    from bastion.threat import LpBall
+
+    if len(args.eps) != 1:
+        raise BastionError(f"--eps takes one radius for {args.command}, got {len(args.eps)}")
+    data = load_data(args.data)
+    if args.limit is not None:
+        data = data.subset(slice(0, args.limit))
+    return data, LpBall(args.norm, args.eps[0], domain=data.domain)
+
+
 def _print_with_records(result: Any, as_json: bool) -> None:
     if as_json:
         out = result.to_dict()
@@ -81,12 +124,19 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from bastion.verify.bounds import BoundOptions
     from bastion.verify.certify import certify
 
-    model, data, threat = _certify_inputs(args)
-    result = certify(
-        model, data, threat, method=args.method, radius=args.radius, batch_size=args.batch_size, store=args.store,
-        progress=not args.json, options=BoundOptions(alpha_steps=args.alpha_steps),
-        config={"model_spec": args.model, "data_spec": args.data},
+    kwargs: dict[str, Any] = dict(
+        method=args.method, radius=args.radius, batch_size=args.batch_size, store=args.store, progress=not args.json,
+        options=BoundOptions(alpha_steps=args.alpha_steps), config={"model_spec": args.model, "data_spec": args.data},
     )  # fmt: skip
+    if args.ray or args.shards is not None:
+        from bastion.scale import ray_certify
+
+        ray_opts = _ray_options(args)
+        data, threat = _ray_inputs(args)
+        result = ray_certify(args.model, data, threat, **ray_opts, **kwargs)
+    else:
+        model, data, threat = _certify_inputs(args)
+        result = certify(model, data, threat, **kwargs)
     _print_with_records(result, args.json)
     return 0
 
@@ -96,7 +146,13 @@ def cmd_assess(args: argparse.Namespace) -> int:
     from bastion.verify.assess import assess
     from bastion.verify.bounds import BoundOptions
 
-    model, data, threat = _certify_inputs(args)
+    ray_opts = _ray_options(args) if args.ray or args.shards is not None else None
+    model: Any
+    if ray_opts is not None:
+        model = args.model  # a spec: every worker loads it
+        data, threat = _ray_inputs(args)
+    else:
+        model, data, threat = _certify_inputs(args)
     attacks = build_attacks(args.attack, parse_opts(args.attack_opt), args.norm)
     minimal = None if args.minimal_attack.lower() == "none" else args.minimal_attack
     complete: bool | str = True if args.complete is None else args.complete
@@ -112,14 +168,20 @@ def cmd_assess(args: argparse.Namespace) -> int:
         if target is not None:
             raise BastionError(f"--complete-opt {target}.{key}: expected key=value (e.g. max_subset=2)")
         complete_opts[key] = value
-    result = assess(
-        model, data, threat, budget=args.budget, attack=attacks, minimal_attack=minimal,
+    kwargs: dict[str, Any] = dict(
+        budget=args.budget, attack=attacks, minimal_attack=minimal,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], complete=complete,
         complete_options=complete_opts, estimates=[e.strip() for e in args.estimates.split(",") if e.strip()],
         estimate_options=estimate_opts or None, radius=args.radius, batch_size=args.batch_size, store=args.store,
         seed=args.seed, progress=not args.json, options=BoundOptions(alpha_steps=args.alpha_steps),
         config={"model_spec": args.model, "data_spec": args.data},
     )  # fmt: skip
+    if ray_opts is not None:
+        from bastion.scale import ray_assess
+
+        result = ray_assess(model, data, threat, **ray_opts, **kwargs)
+    else:
+        result = assess(model, data, threat, **kwargs)
     _print_with_records(result, args.json)
     return 0
 
@@ -136,7 +198,9 @@ One instance: writes RESULT.txt as the VNN-COMP scripts expect: `sat` followed b
 A benchmark: instances.csv has rows `onnx,vnnlib,timeout` (paths relative to --dir, default the csv's folder;
 .gz files accepted); results.csv gets one row `onnx,vnnlib,result,seconds` per instance, written as each one
 finishes. Re-running the same command skips the instances already in results.csv, so a killed run resumes with
-nothing lost.
+nothing lost. With --ray ADDRESS the instances are shared out over a Ray cluster (pip install 'bastion[ray]'), one
+per Ray task (--shards N: N groups of consecutive instances); rows come in completion order, each instance keeps
+its own time limit, and the files must be readable at the same paths on every node.
 """
 
 
@@ -200,15 +264,12 @@ def _vnncomp_one(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vnncomp_benchmark(args: argparse.Namespace) -> int:
+def _vnncomp_rows(inst: Path, timeout_scale: float) -> list[tuple[str, str, float]]:
+    """The instances of a benchmark's instances.csv as ``(onnx, vnnlib, time limit)``, limits scaled."""
     import csv
-    import tempfile
 
-    inst = Path(args.instances)
     if not inst.is_file():
         raise BastionError(f"instances file {os.fspath(inst)!r} not found")
-    base = Path(args.dir) if args.dir else inst.parent
-    out = Path(args.out) if args.out else inst.with_name("results.csv")
     rows: list[tuple[str, str, float]] = []
     with open(inst, newline="") as fh:
         for n, row in enumerate(csv.reader(fh), 1):
@@ -217,19 +278,69 @@ def _vnncomp_benchmark(args: argparse.Namespace) -> int:
             if len(row) < 3:
                 raise BastionError(f"{os.fspath(inst)}:{n}: expected 'onnx,vnnlib,timeout', got {','.join(row)!r}")
             try:
-                limit = float(row[2]) * args.timeout_scale
+                limit = float(row[2]) * timeout_scale
             except ValueError:
                 raise BastionError(f"{os.fspath(inst)}:{n}: timeout {row[2]!r} is not a number") from None
             rows.append((row[0].strip(), row[1].strip(), limit))
+    return rows
+
+
+def _vnncomp_done(out: Path) -> set[tuple[str, str]]:
+    """The ``(onnx, vnnlib)`` instances already in a results.csv (none if it does not exist)."""
+    import csv
+
     done: set[tuple[str, str]] = set()
     if out.is_file():
         with open(out, newline="") as fh:
             for row in csv.reader(fh):
                 if len(row) >= 4 and row[0] != "onnx":
                     done.add((row[0], row[1]))
+    return done
+
+
+def _vnncomp_decide(
+    cache: dict[str, Any], base: Path, onnx_rel: str, vnnlib_rel: str, limit: float, method: str, seed: int, tmp: Path
+) -> tuple[str, float, str | None]:
+    """One instance of a benchmark: ``(result word, seconds, error message or None)``; loading counts in its time.
+
+    ``cache`` holds the last network loaded (benchmarks list their instances network by network).
+    """
+    start = time.perf_counter()
+    error = None
+    try:
+        if onnx_rel not in cache:
+            cache.clear()  # one network in memory at a time
+            cache[onnx_rel] = _vnncomp_load(base / onnx_rel, tmp)
+        left = limit - (time.perf_counter() - start)
+        word = "timeout" if left <= 0 else _vnncomp_instance(cache[onnx_rel], base / vnnlib_rel, left, method, seed)[0]
+    except BastionError as exc:
+        word, error = "error", str(exc)
+    return word, time.perf_counter() - start, error
+
+
+def _vnncomp_benchmark(args: argparse.Namespace) -> int:
+    import csv
+    import tempfile
+
+    inst = Path(args.instances)
+    base = Path(args.dir) if args.dir else inst.parent
+    out = Path(args.out) if args.out else inst.with_name("results.csv")
+    if args.ray:
+        from bastion.scale import ray_vnncomp
+
+        counts = ray_vnncomp(
+            inst, out=out, base_dir=base, timeout_scale=args.timeout_scale, method=args.method, seed=args.seed,
+            address=args.ray, shards=args.shards,
+        )  # fmt: skip
+        skipped = counts.pop("already done")
+        summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing left to run"
+        print(f"{out}: {summary} ({skipped} instances were already done)")
+        return 0
+    rows = _vnncomp_rows(inst, args.timeout_scale)
+    done = _vnncomp_done(out)
     fresh = not out.is_file() or out.stat().st_size == 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
+    counts = {}
     with open(out, "a", newline="") as fh, tempfile.TemporaryDirectory() as tmp:
         writer = csv.writer(fh)
         if fresh:
@@ -239,21 +350,11 @@ def _vnncomp_benchmark(args: argparse.Namespace) -> int:
         for onnx_rel, vnnlib_rel, limit in rows:
             if (onnx_rel, vnnlib_rel) in done:
                 continue
-            start = time.perf_counter()
-            try:
-                if onnx_rel not in cache:
-                    cache.clear()  # one network in memory at a time: benchmarks list instances network by network
-                    cache[onnx_rel] = _vnncomp_load(base / onnx_rel, Path(tmp))
-                left = limit - (time.perf_counter() - start)
-                word = (
-                    "timeout"
-                    if left <= 0
-                    else _vnncomp_instance(cache[onnx_rel], base / vnnlib_rel, left, args.method, args.seed)[0]
-                )
-            except BastionError as exc:
-                print(f"bastion vnncomp: {onnx_rel} {vnnlib_rel}: error: {exc}", file=sys.stderr)
-                word = "error"
-            seconds = time.perf_counter() - start
+            word, seconds, error = _vnncomp_decide(
+                cache, base, onnx_rel, vnnlib_rel, limit, args.method, args.seed, Path(tmp)
+            )
+            if error is not None:
+                print(f"bastion vnncomp: {onnx_rel} {vnnlib_rel}: error: {error}", file=sys.stderr)
             writer.writerow([onnx_rel, vnnlib_rel, word, f"{seconds:.3f}"])
             fh.flush()
             os.fsync(fh.fileno())
@@ -268,10 +369,14 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     """``bastion vnncomp``: one VNN-COMP instance, or a whole benchmark from its instances.csv (resumable)."""
     if args.timeout_scale <= 0:
         raise BastionError("--timeout-scale must be > 0")
+    if args.shards is not None and not args.ray:
+        raise BastionError("--shards needs --ray ADDRESS")
     if args.instances:
         if args.net or args.spec:
             raise BastionError("give either NET.onnx SPEC.vnnlib or --instances, not both")
         return _vnncomp_benchmark(args)
+    if args.ray:
+        raise BastionError("--ray shards the instances of a benchmark: give --instances instances.csv")
     return _vnncomp_one(args)
 
 
@@ -292,6 +397,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="certify only the first N samples")
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda")
     p.add_argument("--json", action="store_true", help="print the summary and per-sample records as JSON")
+    _add_ray_flags(p, "batch")
     p.set_defaults(func=cmd_certify)
     p = sub.add_parser("assess", help="attack -> certify -> complete search: robust/falsified/unknown and brackets",
                        epilog=EPILOG_ASSESS, formatter_class=fmt)  # fmt: skip
@@ -335,6 +441,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda")
     p.add_argument("--json", action="store_true", help="print the summary and per-sample records as JSON")
+    _add_ray_flags(p, "batch")
     p.set_defaults(func=cmd_assess)
     p = sub.add_parser("vnncomp", help="run a VNN-COMP instance (ONNX + VNN-LIB) or a whole benchmark",
                        epilog=EPILOG_VNNCOMP, formatter_class=fmt)  # fmt: skip
@@ -348,4 +455,5 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--method", default="auto", help="auto, input, relu, milp or bounds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print the whole result (with the counterexample)")
+    _add_ray_flags(p, "instance")
     p.set_defaults(func=cmd_vnncomp)

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from bastion.errors import ModelError
 from bastion.models.normalize import Normalize
 
-__all__ = ["ZOO", "BasicBlock", "LastStep", "Rows", "build_model", "cnn", "lstm", "mlp", "resnet"]
+__all__ = [
+    "ZOO", "BasicBlock", "LastStep", "Rows", "audiocnn", "build_model", "cnn", "lstm", "mlp", "pointnet", "resnet",
+]  # fmt: skip
 
 MeanStd = float | Sequence[float]
 
@@ -411,7 +413,91 @@ def lstm(
     return model
 
 
-ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "lstm": lstm}
+def pointnet(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    mean: MeanStd = 0.0,
+    std: MeanStd = 1.0,
+    widths: Sequence[int] = (64, 128, 256),
+    head: Sequence[int] = (128,),
+    dropout: float = 0.3,
+) -> nn.Sequential:
+    """PointNet point-cloud classifier (Qi et al., CVPR 2017; see :mod:`bastion.pointcloud.model`).
+
+    Args:
+        input_shape: ``(P, 3)``: P points of three coordinates.
+        num_classes: number of output logits.
+        mean: normalisation mean of the coordinates (one value).
+        std: normalisation standard deviation of the coordinates (one value).
+        widths: widths of the shared per-point MLP.
+        head: widths of the hidden layers of the classification head.
+        dropout: dropout before the last layer.
+
+    Returns:
+        ``Sequential(Normalize, PointNet)``.
+    """
+    from bastion.pointcloud.model import PointNet
+
+    dims = _check_input_shape(input_shape, "pointnet", image=False)
+    if len(dims) != 2 or dims[1] != 3:
+        raise ModelError(f"pointnet: input_shape must be (P, 3) for clouds of P points, got {dims}")
+    k = _check_num_classes(num_classes, "pointnet")
+    ws = _positive_ints(widths, "widths", "pointnet")
+    hs = _positive_ints(head, "head", "pointnet", allow_empty=True)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ModelError(f"pointnet: dropout must be in [0, 1), got {dropout!r}")
+    norm = Normalize(mean, std)
+    if norm.channels != 1:
+        raise ModelError("pointnet: give one normalisation mean and std for all coordinates")
+    model = nn.Sequential(norm, PointNet(k, widths=ws, head=hs, dropout=float(dropout)))
+    config = {"input_shape": list(dims), "num_classes": k, "mean": _jsonable(mean), "std": _jsonable(std),
+              "widths": list(ws), "head": list(hs), "dropout": float(dropout)}  # fmt: skip
+    _remember(model, "pointnet", config)
+    return model
+
+
+def audiocnn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    mean: MeanStd = 0.0,
+    std: MeanStd = 1.0,
+    channels: Sequence[int] = (16, 32, 64),
+) -> nn.Sequential:
+    """1-D convolutional waveform classifier (see :mod:`bastion.audio.model`).
+
+    Args:
+        input_shape: ``(1, T)`` (or ``(T,)``): mono waveforms of T >= 256 samples.
+        num_classes: number of output logits.
+        mean: normalisation mean (one value).
+        std: normalisation standard deviation (one value).
+        channels: channels of the strided first convolution and of each conv/pool block.
+
+    Returns:
+        ``Sequential(Normalize, AudioCNN)``.
+    """
+    from bastion.audio.model import AudioCNN
+
+    dims = _check_input_shape(input_shape, "audiocnn", image=False)
+    if dims[:-1] not in ((), (1,)) or dims[-1] < 256:
+        raise ModelError(f"audiocnn: input_shape must be (1, T) or (T,) with T >= 256 samples, got {dims}")
+    k = _check_num_classes(num_classes, "audiocnn")
+    cs = _positive_ints(channels, "channels", "audiocnn")
+    if dims[-1] < 16 * 4 ** (len(cs) - 1):
+        raise ModelError(f"audiocnn: {len(cs)} blocks need T >= {16 * 4 ** (len(cs) - 1)} samples, got {dims[-1]}")
+    norm = Normalize(mean, std)
+    if norm.channels != 1:
+        raise ModelError("audiocnn: give one normalisation mean and std")
+    model = nn.Sequential(norm, AudioCNN(k, channels=cs))
+    config = {"input_shape": list(dims), "num_classes": k, "mean": _jsonable(mean), "std": _jsonable(std),
+              "channels": list(cs)}  # fmt: skip
+    _remember(model, "audiocnn", config)
+    return model
+
+
+ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "lstm": lstm,
+                                        "pointnet": pointnet, "audiocnn": audiocnn}  # fmt: skip
 """Registry of architecture factories by name; add an entry to make a new architecture loadable by name."""
 
 
@@ -419,7 +505,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     """Build a zoo architecture by name.
 
     Args:
-        name: a key of :data:`ZOO` (``"mlp"``, ``"cnn"``, ``"resnet"``, ``"lstm"``).
+        name: a key of :data:`ZOO` (``"mlp"``, ``"cnn"``, ``"resnet"``, ``"lstm"``, ``"pointnet"``, ``"audiocnn"``).
         input_shape: shape of one input without the batch dimension.
         num_classes: number of output logits.
         **kwargs: ``mean``, ``std`` and the architecture's own keyword arguments.

@@ -8,7 +8,9 @@ One module per command group, each registering its commands with ``add_parsers(s
 :mod:`.testing` (test coverage, test generate); :mod:`.globalopt` (verify-global); :mod:`.estimate` (estimate clever,
 estimate splitting); :mod:`.measure` (measure: generalisation measures); :mod:`.reliability` (reliability,
 weight-robustness); :mod:`.poison` (poison: poisoned training sets);
-:mod:`.backdoor` (backdoor-scan);
+:mod:`.backdoor` (backdoor-scan); :mod:`.universal` (universal, patch: data-level attacks); :mod:`.report`
+(report: the HTML robustness report); :mod:`.text` (text attack, text train); :mod:`.pointcloud` (pointcloud attack);
+:mod:`.audio` (audio attack); :mod:`.applications` (reprogram, explain, fingerprint: novel applications);
 :mod:`.common` holds what they share.
 """
 
@@ -20,16 +22,22 @@ import typing
 from collections.abc import Sequence
 
 from bastion.cli import (
+    applications,
+    audio,
     backdoor,
     estimate,
     evaluate,
     globalopt,
     measure,
+    pointcloud,
     poison,
     reliability,
+    report,
     smooth,
     testing,
+    text,
     train,
+    universal,
     verify,
 )
 from bastion.cli.evaluate import demo_model
@@ -59,7 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    groups = (evaluate, smooth, train, verify, globalopt, testing, estimate, measure, reliability, poison, backdoor)
+    groups = (
+        evaluate,
+        smooth,
+        train,
+        verify,
+        globalopt,
+        testing,
+        estimate,
+        measure,
+        reliability,
+        poison,
+        backdoor,
+        universal,
+        report,
+        applications,
+        pointcloud,
+        audio,
+        text,
+    )
     for group in groups:
         group.add_parsers(sub, fmt)
     return parser

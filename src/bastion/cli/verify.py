@@ -12,6 +12,7 @@ from typing import Any
 
 from bastion.cli.common import build_attacks, model_and_data, parse_eps, parse_opts, positive_int
 from bastion.errors import BastionError
+from bastion.verify.vnncomp import decide_instance, decide_row, done_instances, load_network, read_instances
 
 # --------------------------------------------------------------------------------------------------- certify/assess
 #: One default for the certified radius, as in the Python API (certify and assess both take radius=True).
@@ -204,43 +205,6 @@ its own time limit, and the files must be readable at the same paths on every no
 """
 
 
-def _vnncomp_load(onnx_path: Path, tmp: Path) -> Any:
-    """The ONNX module of a (possibly gzip-compressed) file; a .gz file is unpacked into ``tmp`` first."""
-    import gzip
-    import shutil
-
-    from bastion.models.onnx import load_onnx
-
-    if not onnx_path.is_file():
-        raise BastionError(f"ONNX file {os.fspath(onnx_path)!r} not found")
-    if onnx_path.suffix == ".gz":
-        target = tmp / onnx_path.name[: -len(".gz")]
-        with gzip.open(onnx_path, "rb") as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        onnx_path = target
-    return load_onnx(onnx_path)
-
-
-def _vnncomp_instance(model: Any, vnnlib_path: Path, timeout: float, method: str, seed: int) -> tuple[str, str]:
-    """Decide one instance; returns the VNN-COMP result word and the result file's text."""
-    import math
-
-    import torch
-
-    from bastion.verify.bab import verify
-    from bastion.verify.vnnlib import format_counterexample, parse_vnnlib
-
-    with torch.no_grad():
-        k = int(model(torch.zeros(1, *model.input_shape)).reshape(1, -1).shape[1])
-    spec = parse_vnnlib(vnnlib_path, num_inputs=math.prod(model.input_shape), num_outputs=k)
-    verdict = verify(model, spec, timeout=timeout, method=method, seed=seed)
-    word = verdict.vnncomp()
-    if word == "sat":
-        assert verdict.counterexample is not None and verdict.output is not None
-        return word, "sat\n" + format_counterexample(verdict.counterexample, verdict.output) + "\n"
-    return word, word + "\n"
-
-
 def _vnncomp_one(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -251,71 +215,17 @@ def _vnncomp_one(args: argparse.Namespace) -> int:
         raise BastionError("--timeout S (seconds, > 0) is required for a single instance")
     out = Path(args.out) if args.out else None
     with tempfile.TemporaryDirectory() as tmp:
-        model = _vnncomp_load(Path(args.net), Path(tmp))
+        model = load_network(Path(args.net), Path(tmp))
         left = args.timeout - (time.perf_counter() - start)
         if left <= 0:
             word, text = "timeout", "timeout\n"
         else:
-            word, text = _vnncomp_instance(model, Path(args.spec), left, args.method, args.seed)
+            word, text = decide_instance(model, Path(args.spec), left, args.method, args.seed)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     print(text if args.verbose else word, end="" if args.verbose else "\n")
     return 0
-
-
-def _vnncomp_rows(inst: Path, timeout_scale: float) -> list[tuple[str, str, float]]:
-    """The instances of a benchmark's instances.csv as ``(onnx, vnnlib, time limit)``, limits scaled."""
-    import csv
-
-    if not inst.is_file():
-        raise BastionError(f"instances file {os.fspath(inst)!r} not found")
-    rows: list[tuple[str, str, float]] = []
-    with open(inst, newline="") as fh:
-        for n, row in enumerate(csv.reader(fh), 1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            if len(row) < 3:
-                raise BastionError(f"{os.fspath(inst)}:{n}: expected 'onnx,vnnlib,timeout', got {','.join(row)!r}")
-            try:
-                limit = float(row[2]) * timeout_scale
-            except ValueError:
-                raise BastionError(f"{os.fspath(inst)}:{n}: timeout {row[2]!r} is not a number") from None
-            rows.append((row[0].strip(), row[1].strip(), limit))
-    return rows
-
-
-def _vnncomp_done(out: Path) -> set[tuple[str, str]]:
-    """The ``(onnx, vnnlib)`` instances already in a results.csv (none if it does not exist)."""
-    import csv
-
-    done: set[tuple[str, str]] = set()
-    if out.is_file():
-        with open(out, newline="") as fh:
-            for row in csv.reader(fh):
-                if len(row) >= 4 and row[0] != "onnx":
-                    done.add((row[0], row[1]))
-    return done
-
-
-def _vnncomp_decide(
-    cache: dict[str, Any], base: Path, onnx_rel: str, vnnlib_rel: str, limit: float, method: str, seed: int, tmp: Path
-) -> tuple[str, float, str | None]:
-    """One instance of a benchmark: ``(result word, seconds, error message or None)``; loading counts in its time.
-
-    ``cache`` holds the last network loaded (benchmarks list their instances network by network).
-    """
-    start = time.perf_counter()
-    error = None
-    try:
-        if onnx_rel not in cache:
-            cache.clear()  # one network in memory at a time
-            cache[onnx_rel] = _vnncomp_load(base / onnx_rel, tmp)
-        left = limit - (time.perf_counter() - start)
-        word = "timeout" if left <= 0 else _vnncomp_instance(cache[onnx_rel], base / vnnlib_rel, left, method, seed)[0]
-    except BastionError as exc:
-        word, error = "error", str(exc)
-    return word, time.perf_counter() - start, error
 
 
 def _vnncomp_benchmark(args: argparse.Namespace) -> int:
@@ -336,8 +246,8 @@ def _vnncomp_benchmark(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing left to run"
         print(f"{out}: {summary} ({skipped} instances were already done)")
         return 0
-    rows = _vnncomp_rows(inst, args.timeout_scale)
-    done = _vnncomp_done(out)
+    rows = read_instances(inst, args.timeout_scale)
+    done = done_instances(out)
     fresh = not out.is_file() or out.stat().st_size == 0
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -350,7 +260,7 @@ def _vnncomp_benchmark(args: argparse.Namespace) -> int:
         for onnx_rel, vnnlib_rel, limit in rows:
             if (onnx_rel, vnnlib_rel) in done:
                 continue
-            word, seconds, error = _vnncomp_decide(
+            word, seconds, error = decide_row(
                 cache, base, onnx_rel, vnnlib_rel, limit, args.method, args.seed, Path(tmp)
             )
             if error is not None:

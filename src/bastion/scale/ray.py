@@ -660,14 +660,14 @@ def _vnncomp_task(base: str, items: list[tuple[str, str, float]], method: str, s
     """A shard of VNN-COMP instances on a Ray worker: each decided as ``bastion vnncomp --instances`` does."""
     import tempfile
 
-    from bastion.cli.verify import _vnncomp_decide
+    from bastion.verify.vnncomp import decide_row
 
     if threads >= 1:
         torch.set_num_threads(threads)
     if not _VNN_TMP:
         _VNN_TMP.append(tempfile.mkdtemp(prefix="bastion-vnncomp-"))
     return [
-        (onnx_rel, vnnlib_rel, *_vnncomp_decide(_VNN_CACHE, Path(base), onnx_rel, vnnlib_rel, limit, method, seed,
+        (onnx_rel, vnnlib_rel, *decide_row(_VNN_CACHE, Path(base), onnx_rel, vnnlib_rel, limit, method, seed,
                                                 Path(_VNN_TMP[0])))
         for onnx_rel, vnnlib_rel, limit in items
     ]  # fmt: skip
@@ -716,7 +716,7 @@ def ray_vnncomp(
 
     from tqdm.auto import tqdm
 
-    from bastion.cli.verify import _vnncomp_done, _vnncomp_rows
+    from bastion.verify.vnncomp import done_instances, read_instances
 
     shards, workers = _check_ray_options(shards, workers, cpus_per_worker, 0, max_retries)
     if isinstance(timeout_scale, bool) or not isinstance(timeout_scale, (int, float)) or not timeout_scale > 0:
@@ -725,8 +725,8 @@ def ray_vnncomp(
     inst = Path(instances)
     base = Path(base_dir) if base_dir is not None else inst.parent
     out_path = Path(out) if out is not None else inst.with_name("results.csv")
-    rows = _vnncomp_rows(inst, float(timeout_scale))
-    done = _vnncomp_done(out_path)
+    rows = read_instances(inst, float(timeout_scale))
+    done = done_instances(out_path)
     todo = [r for r in rows if (r[0], r[1]) not in done]
     pieces = split_evenly(len(todo), len(todo) if shards is None else shards)
     plan = [Shard(k, tuple(p), tuple(p)) for k, p in enumerate(pieces)]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bastion.attacks import ATTACKS, OPT, Attack, BoundaryAttack, HopSkipJump, RayS, SignOPT, make_attack
-from bastion.attacks.blackbox.boundary import FINAL_PUSH, DecisionAttack, LabelSearch
+from bastion.attacks.blackbox._decision import FINAL_PUSH, DecisionAttack, LabelSearch
 from bastion.attacks.blackbox.signopt import ray_search
 from bastion.data import load_digits
 from bastion.errors import InputError
@@ -451,7 +451,7 @@ def test_registered_with_the_papers_defaults(pool) -> None:
     assert BoundaryAttack.windows == (100, 30) and BoundaryAttack.thresholds == (0.2, 0.5)
     assert BoundaryAttack().options() == {
         "queries": 25_000, "spherical_step": 0.01, "source_step": 0.01, "step_adaptation": 1.5,
-        "convergence": 1e-7, "init_attempts": 100, "starts": None,
+        "convergence": 1e-7, "init_attempts": 100, "starts": None, "significance": 0.05,
     }  # fmt: skip
     hsj = HopSkipJump()
     assert (hsj.iterations, hsj.init_evals, hsj.max_evals, hsj.gamma) == (40, 100, 10_000, 1.0)
@@ -479,3 +479,62 @@ def test_decision_attacks_run_on_cuda(digits_model) -> None:
             assert bool(threat.contains(res.x_adv, x.cuda()).all()) and res.success_rate > 0.5
     finally:
         model.to("cpu")
+
+
+# ------------------------------------------------------------------------------------- Boundary's step-size decisions
+def test_boundary_binomial_thresholds_are_the_exact_binomial_tails() -> None:
+    from bastion.attacks.blackbox.boundary import binomial_thresholds
+
+    def tail_up(k: int, s: int, p: float) -> float:  # P(S >= s)
+        return sum(math.comb(k, j) * p**j * (1 - p) ** (k - j) for j in range(s, k + 1))
+
+    def tail_down(k: int, s: int, p: float) -> float:  # P(S <= s)
+        return sum(math.comb(k, j) * p**j * (1 - p) ** (k - j) for j in range(0, s + 1))
+
+    most, least = binomial_thresholds(30, 0.2, 0.5, 0.05)
+    for k in range(1, 31):
+        m, lo = int(most[k]), int(least[k])
+        if m <= k:  # the fewest successes significant above 0.5
+            assert tail_up(k, m, 0.5) <= 0.05 and (m == 0 or tail_up(k, m - 1, 0.5) > 0.05)
+        else:
+            assert tail_up(k, k, 0.5) > 0.05
+        if lo >= 0:  # the most successes significant below 0.2
+            assert tail_down(k, lo, 0.2) <= 0.05 and (lo == k or tail_down(k, lo + 1, 0.2) > 0.05)
+        else:
+            assert tail_down(k, 0, 0.2) > 0.05
+    # 0.8^13 > 0.05 >= 0.8^14: fourteen failures in a row are the first significant evidence of a rate below 0.2
+    assert int(least[13]) == -1 and int(least[14]) == 0
+    assert int(most[4]) == 31 and int(most[5]) == 5  # 0.5^5 <= 0.05 < 0.5^4 (31: no count of 4 is enough)
+
+
+def test_boundary_decides_early_only_on_significant_evidence() -> None:
+    nan = math.nan
+    fails14 = torch.tensor([[0.0] * 14 + [nan] * 16])
+    fails10 = torch.tensor([[0.0] * 10 + [nan] * 20])
+    wins15 = torch.tensor([[1.0] * 12 + [0.0] * 3 + [nan] * 15])
+    inside = torch.tensor([[1.0] * 12 + [0.0] * 18])  # full window, rate 0.4: inside the band
+    above = torch.tensor([[1.0] * 16 + [0.0] * 14])  # full window, rate 0.53: the reference's rule grows
+    early, reference = BoundaryAttack(), BoundaryAttack(significance=None)
+    hist = torch.cat([fails14, fails10, wins15, inside, above])
+    up, down = early._decide(hist)
+    assert up.tolist() == [False, False, True, False, True]
+    assert down.tolist() == [True, False, False, False, False]
+    up, down = reference._decide(hist)  # full windows only
+    assert up.tolist() == [False, False, False, False, True] and not down.any()
+    for bad in (0.0, 0.5, -1, True, "0.05"):
+        with pytest.raises(InputError, match="significance"):
+            BoundaryAttack(significance=bad)  # type: ignore[arg-type]
+
+
+def test_boundary_early_decisions_get_closer_than_full_windows_at_a_small_budget(digits_model) -> None:
+    """The cause of the 1,000-query miss: with windows that must fill, a short run barely adapts its steps."""
+    model, x, y = digits_model
+    dist = {}
+    for significance in (0.05, None):
+        oracle, counter = labels_oracle(model)
+        res = BoundaryAttack(queries=300, significance=significance)(oracle, x, y, threat=L2, seed=0)
+        assert bool(res.success.all()) and int(res.queries.max()) <= 300 + 2  # with the clean query and the check
+        assert counter.rows == int(res.queries.sum())  # the independent count agrees
+        dist[significance] = res.distance
+    assert float(dist[0.05].mean()) < 0.9 * float(dist[None].mean())
+    assert float((dist[0.05] < dist[None]).float().mean()) >= 0.75

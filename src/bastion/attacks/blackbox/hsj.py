@@ -2,8 +2,9 @@
 
 Chen, Jordan & Wainwright, "HopSkipJumpAttack: A Query-Efficient Decision-Based Attack", IEEE S&P 2020.
 
-From an adversarial start (uniform noise or a candidate input, blended towards ``x``: see
-:func:`~bastion.attacks.blackbox.boundary.adversarial_start`), every iteration ``t``
+From an adversarial start (uniform noise or a candidate input: see
+:func:`~bastion.attacks.blackbox._decision.adversarial_start`; blended towards ``x`` by the first binary search),
+every iteration ``t``
 
 1. **binary search** to the boundary between ``x`` and the current point. l2: on the blending factor ``a`` of
    ``(1 - a) x + a x_t``, down to ``θ = γ / d^{3/2}``; l∞: on the radius ``r`` of the l∞ projection
@@ -18,13 +19,16 @@ From an adversarial start (uniform noise or a candidate input, blended towards `
 
 Defaults are the paper's and its reference code's: ``γ = 1``, ``B₀ = 100``, ``B_max = 10 000``, 40 iterations
 (here also bounded by the per-sample query budget, 25 000 by default, the largest budget of the paper's figures).
-Deviations: ``δ_t`` uses the distance of the current boundary point (the paper's ``d_{t-1}``; the reference code
+Deviations: for l2 the initial blending search towards ``x`` and the first binary search, which run on the same line
+(from ``x`` to the noise or candidate start), are one search, run to ``θ`` (the reference code blends to ``1e-3``,
+then searches the blended point's line again from ``[0, 1]`` to ``θ``: about 10 queries per sample more for the same
+boundary point); ``δ_t`` uses the distance of the current boundary point (the paper's ``d_{t-1}``; the reference code
 passes the distance before the last binary search); when a sample's budget cannot pay for ``B_t`` estimation queries
 and the following searches, the estimate uses what it can pay for; a step-size search that still fails after 30
 halvings (the point sits on the boundary at float precision) ends that sample's search instead of looping.
 
 Query accounting (exact, per sample): one query per binary-search step, per estimation direction and per step-size
-try, and the final push off the boundary of :meth:`~bastion.attacks.blackbox.boundary.LabelSearch.finish`. A sample
+try, and the final push off the boundary of :meth:`~bastion.attacks.blackbox._decision.LabelSearch.finish`. A sample
 that cannot pay for a round stops; the closest adversarial point it queried is returned.
 """
 
@@ -35,7 +39,14 @@ import math
 import torch
 
 from bastion.attacks.base import CountingModel, positive_float, positive_int
-from bastion.attacks.blackbox.boundary import QUERY_CHUNK, DecisionAttack, LabelSearch, adversarial_start, check_starts
+from bastion.attacks.blackbox._decision import (
+    QUERY_CHUNK,
+    DecisionAttack,
+    LabelSearch,
+    adversarial_start,
+    boundary_bisect,
+    check_starts,
+)
 from bastion.results import Criterion
 from bastion.threat import LpBall, ThreatModel
 
@@ -98,35 +109,15 @@ class HopSkipJump(DecisionAttack):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Binary search between ``x0`` (not adversarial) and ``xp`` (adversarial) for each row; the paper's step 1.
 
-        Returns the adversarial end of each final bracket (a queried point, or ``xp``) and its distance to ``x0``.
+        l2: on the blending factor, down to ``θ``; l∞: on the projection radius, down to ``min(θ r₀, θ)`` (``r₀``
+        the starting distance), as the reference code. Returns the adversarial end of each final bracket (a queried
+        point, or ``xp``) and its distance to ``x0``.
         """
-        k = rows.numel()
-        view = (-1,) + (1,) * (x0.dim() - 1)
         if threat.norm == "l2":
-            high = x0.new_ones(k)
-            threshold = torch.full_like(high, theta)
+            threshold: float | torch.Tensor = theta
         else:
-            high = threat.distance(xp, x0)
-            threshold = (high * theta).clamp(max=theta)
-        low = torch.zeros_like(high)
-        out = xp.clone()
-        while True:
-            mid = (low + high) / 2
-            # converged, or no float between the ends any more
-            open_ = (high - low > threshold) & (mid > low) & (mid < high) & ~search.exhausted[rows]
-            idx = open_.nonzero().squeeze(1)
-            idx = idx[search.pay(rows[idx])]
-            if idx.numel() == 0:
-                break
-            m = mid[idx]
-            if threat.norm == "l2":
-                points = (1 - m.reshape(view)) * x0[idx] + m.reshape(view) * xp[idx]
-            else:
-                points = threat.project(xp[idx], x0[idx], eps=m)
-            points = threat.clip(points)
-            hit = search.adversarial(points, rows[idx])
-            high[idx[hit]], low[idx[~hit]] = m[hit], m[~hit]
-            out[idx[hit]] = points[hit]
+            threshold = (threat.distance(xp, x0) * theta).clamp(max=theta)
+        out, _ = boundary_bisect(search, x0, xp, rows, threshold, norm=threat.norm)
         return out, threat.distance(out, x0)
 
     def _gradient(
@@ -181,7 +172,12 @@ class HopSkipJump(DecisionAttack):
         ball = self._lp(threat)
         n, dim = x.shape[0], x[0].numel()
         search = LabelSearch(model, self.queries, criterion, ball, n, x.device)
-        start, found = adversarial_start(search, x, generator, pool=self._pool(x), attempts=self.init_attempts)
+        # l2: the start's blending search is the first binary search itself, run once to θ (the reference blends
+        # to 1e-3, then searches the same line again from [0, 1]); l∞: blended, then searched on the radius
+        tolerance = None if ball.norm == "l2" else 1e-3
+        start, found = adversarial_start(
+            search, x, generator, pool=self._pool(x), attempts=self.init_attempts, tolerance=tolerance
+        )
         theta = self._theta(dim, ball.norm)
         # the cost of one binary search from a full bracket (l∞: for distances up to 1 / θ times the threshold)
         search_cost = math.ceil(math.log2(1 / theta)) + 1

@@ -24,7 +24,7 @@ Deviations: the reference's batched version keeps querying samples that already 
 queries at the time they did); here they stop. The binary search's adversarial end is always a queried point.
 
 Query accounting (exact, per sample): one query per direction tried, one per binary-search step, and one for the final
-push off the boundary of :meth:`~bastion.attacks.blackbox.boundary.LabelSearch.finish`. A sample that cannot pay for a
+push off the boundary of :meth:`~bastion.attacks.blackbox._decision.LabelSearch.finish`. A sample that cannot pay for a
 query stops; the closest adversarial point it queried is returned.
 """
 
@@ -35,7 +35,7 @@ import math
 import torch
 
 from bastion.attacks.base import CountingModel, positive_float, positive_int
-from bastion.attacks.blackbox.boundary import DecisionAttack, LabelSearch
+from bastion.attacks.blackbox._decision import DecisionAttack, LabelSearch
 from bastion.errors import InputError
 from bastion.results import Criterion
 from bastion.threat import ThreatModel

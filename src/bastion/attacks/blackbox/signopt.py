@@ -40,7 +40,7 @@ a sample's budget cannot pay for ``K`` and a line-search step; the reference's m
 included.
 
 Query accounting (exact, per sample; the reference code misses the query of each search's last comparison), with one
-query for the final push off the boundary of :meth:`~bastion.attacks.blackbox.boundary.LabelSearch.finish`. A sample
+query for the final push off the boundary of :meth:`~bastion.attacks.blackbox._decision.LabelSearch.finish`. A sample
 that cannot pay for a round stops; the closest adversarial point it queried is returned.
 """
 
@@ -51,7 +51,7 @@ import math
 import torch
 
 from bastion.attacks.base import CountingModel, positive_float, positive_int
-from bastion.attacks.blackbox.boundary import QUERY_CHUNK, DecisionAttack, LabelSearch, check_starts
+from bastion.attacks.blackbox._decision import QUERY_CHUNK, DecisionAttack, LabelSearch, check_starts
 from bastion.results import Criterion
 from bastion.threat import ThreatModel
 

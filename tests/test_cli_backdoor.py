@@ -168,3 +168,78 @@ def test_errors_are_one_line_with_exit_status_2(
         assert out == "" and len(err.strip().splitlines()) == 1 and match in err, (extra, err)
     rc, _, err = run_cli(capsys, *base, "--method", "magic")
     assert rc == 2 and "invalid choice" in err
+
+
+# ------------------------------------------------------------------------------- --poisoned (a `bastion poison` file)
+@pytest.fixture(scope="module")
+def badnets_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model file, BadNets file of `bastion poison`): 1200 digits, 10 % poison, a small cnn trained on them."""
+    from bastion.poisoning import BadNets
+
+    digits = load_digits().subset(slice(0, 1200))
+    poisoned = BadNets(rate=0.1, seed=0)(digits)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model("cnn", (1, 8, 8), 10, channels=(16, 32), hidden=64)
+            train(model, poisoned.data, epochs=15, lr=3e-3, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    folder = tmp_path_factory.mktemp("poisoned-file")
+    save_model(model, folder / "bd.pt")
+    return folder / "bd.pt", poisoned.save(folder / "badnets.npz")
+
+
+def test_poisoned_file_gives_precision_recall_and_asr_after_retraining(
+    capsys: pytest.CaptureFixture[str], badnets_file: tuple[Path, Path]
+) -> None:
+    from bastion.poisoning import PoisonedData
+
+    model_path, file = badnets_file
+    rc, out, err = run_cli(
+        capsys, "backdoor-scan", "--model", os.fspath(model_path), "--poisoned", os.fspath(file), "--method", "ss",
+        "--retrain", "10", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    got = json.loads(out)
+    back = PoisonedData.load(file)
+    api = spectral_signatures(load_model(model_path), back.data, poison_indices=back.poison_indices)
+    assert got["n_poison"] == back.n_poisons == 120 and got["recall"] == pytest.approx(api.recall)
+    p = got["poisoned"]
+    assert p["attack"] == "badnets" and p["target"] == 0 and p["mitigation"].startswith("retraining")
+    # the trigger came from the file: the backdoored model obeys it, the retrained one much less when the scan
+    # caught most of the poison
+    assert p["asr_before"] > 0.8, p
+    if api.recall is not None and api.recall > 0.9:
+        assert p["asr_after"] < p["asr_before"] - 0.3, p
+    # fine-pruning with the file: ASR before and after on the defender's clean data, in the table
+    rc, out, err = run_cli(
+        capsys, "backdoor-scan", "--model", os.fspath(model_path), "--poisoned", os.fspath(file), "--method",
+        "fine-prune", "--epochs", "1", "--data", "digits", "--limit", "300",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "attack success" in out and "mitigation         fine-pruning" in out and "badnets, 120 poisons" in out
+
+
+def test_poisoned_file_errors(
+    capsys: pytest.CaptureFixture[str], badnets_file: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from bastion.poisoning import LabelFlip
+
+    model_path, file = badnets_file
+    flip = LabelFlip(rate=0.1)(load_digits().subset(slice(0, 100))).save(tmp_path / "flip.npz")
+    base = ["backdoor-scan", "--model", os.fspath(model_path), "--method", "ss"]
+    cases = [
+        (["--poisoned", os.fspath(flip)], "no backdoor trigger"),
+        (["--poisoned", os.fspath(tmp_path / "none.npz")], "no such file"),
+        (["--poisoned", os.fspath(file), "--data", "digits"], "drop --data"),
+        (["--poisoned", os.fspath(file), "--poison-indices", os.fspath(file)], "drop --poison-indices"),
+        (["--retrain", "2", "--data", "digits"], "--poisoned"),
+        ([], "--data is required"),
+    ]
+    for extra, match in cases:
+        rc, out, err = run_cli(capsys, *base, *extra)
+        assert rc == 2, (extra, err)
+        assert out == "" and len(err.strip().splitlines()) == 1 and match in err, (extra, err)

@@ -109,6 +109,13 @@ def test_poison_labelflip_and_clean_label_attacks(
         (["--attack", "badnets", "--model", "m.pt"], "neither"),
         (["--attack", "badnets", "--pattern", "nope.npy"], "--pattern"),
         (["--attack", "frogs"], "invalid choice"),
+        (["--attack", "labelflip", "--rate-of", "target"], "--rate-of"),
+        (["--attack", "badnets", "--rate-of", "target", "--mode", "all-to-all"], "all-to-one"),
+        (["--attack", "badnets", "--epochs", "3"], "--epochs"),
+        (["--attack", "badnets", "--model-out", "m.pt"], "--model-out"),
+        (["--attack", "badnets", "--arch", "cnn"], "--arch"),
+        (["--attack", "input-aware"], "--model-out"),
+        (["--attack", "input-aware", "--model-out", "m.npz"], ".pt"),
     ],
 )
 def test_poison_bad_input_is_one_line_with_status_2(
@@ -125,3 +132,38 @@ def test_poison_output_name_and_folder_are_checked(capsys: pytest.CaptureFixture
     for out, needle in ((tmp_path / "p.pt", ".npz"), (tmp_path / "missing" / "p.npz", "does not exist")):
         rc, _, err = run_cli(capsys, "poison", "--attack", "badnets", "--data", "digits", "--out", str(out))
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_poison_rate_of_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "art.npz"
+    rc, stdout, err = run_cli(capsys, "poison", "--attack", "badnets", "--rate", "0.33", "--rate-of", "target",
+                              "--data", "digits", "--out", str(out), "--json")  # fmt: skip
+    assert rc == 0, err
+    poisoned = PoisonedData.load(out)
+    n_target = int((load_digits().y == 0).sum())
+    assert poisoned.n_poisons == round(0.33 * n_target / 0.67)
+    assert json.loads(stdout)["config"]["rate_of"] == "target"
+
+
+def test_poison_input_aware_writes_the_model_and_the_generator(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bastion.models import load_model
+    from bastion.poisoning import InputAwareTrigger
+
+    model_out, out = tmp_path / "dyn.pt", tmp_path / "dyn.npz"
+    rc, stdout, err = run_cli(
+        capsys, "poison", "--attack", "input-aware", "--data", "digits", "--limit", "200", "--epochs", "1",
+        "--attack-opt", "mask_epochs=1", "--attack-opt", "width=4", "--test", "digits", "--model-out",
+        str(model_out), "--out", str(out), "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    assert summary["n_poisons"] == 20 and summary["n_cross"] == 20 and summary["target"] == 0
+    assert 0.0 <= summary["attack_success_rate"] <= 1.0 and 0.0 <= summary["cross_trigger_accuracy"] <= 1.0
+    model = load_model(f"zoo:cnn@{model_out}")
+    back = PoisonedData.load(out)
+    assert isinstance(back.trigger, InputAwareTrigger) and back.attack == "input-aware"
+    x = load_digits().x[:8]
+    with torch.no_grad():
+        assert model(back.trigger.apply(x)).shape == (8, 10)

@@ -370,3 +370,26 @@ def test_bad_inputs_raise_input_error(split: tuple[Dataset, Dataset], clean_mode
             call()
         message = str(info.value)
         assert needle in message and "\n" not in message, message
+
+
+# --------------------------------------------------------------------------------------------- rate semantics
+def test_rate_of_target_counts_the_poisoned_target_class(split: tuple[Dataset, Dataset]) -> None:
+    train_set, _ = split
+    n_target = int((train_set.y == 0).sum())
+    for attack_cls in (BadNets, Blended, WaNet):
+        by_set = attack_cls(rate=0.1)(train_set)
+        assert by_set.n_poisons == round(0.1 * len(train_set))  # default: fraction of the whole set
+        for rate in (0.33, 0.1):
+            poisoned = attack_cls(rate=rate, rate_of="target")(train_set)
+            n = poisoned.n_poisons
+            assert n == round(rate * n_target / (1 - rate))
+            # the poisons make up `rate` of the poisoned target class (to rounding), as ART's percent_poison
+            in_target = int((poisoned.data.y == 0).sum())
+            assert in_target == n_target + n and abs(n / in_target - rate) < 1 / in_target
+            assert poisoned.config["rate_of"] == "target"
+    with pytest.raises(InputError, match="all-to-one"):
+        BadNets(rate_of="target", mode="all-to-all")
+    with pytest.raises(InputError, match="rate < 1"):
+        BadNets(rate=1.0, rate_of="target")
+    with pytest.raises(InputError, match="rate_of"):
+        Blended(rate_of="class")

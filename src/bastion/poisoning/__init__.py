@@ -8,7 +8,9 @@ and judged with :func:`clean_accuracy`, :func:`attack_success_rate`, :func:`pois
 
 * dirty-label availability: :class:`LabelFlip` (random, or targeted class pairs);
 * backdoors: :class:`BadNets` (Gu et al. 2017), :class:`Blended` (Chen et al. 2017), :class:`WaNet` (Nguyen & Tran,
-  ICLR 2021), all-to-one or all-to-all;
+  ICLR 2021), all-to-one or all-to-all, ``rate_of="set"`` or ``"target"``;
+* training-time backdoor: :class:`InputAware` (input-aware dynamic backdoor, Nguyen & Tran, NeurIPS 2020), which
+  trains the victim jointly with a trigger generator and returns both (:class:`InputAwareResult`);
 * targeted clean-label: :class:`FeatureCollision` ("Poison Frogs", Shafahi et al., NeurIPS 2018; transfer learning,
   :func:`retrain_last_layer`) and :class:`GradientMatching` ("Witches' Brew", Geiping et al., ICLR 2021).
 
@@ -36,6 +38,13 @@ from bastion.poisoning.base import (
     predict,
 )
 from bastion.poisoning.collision import FeatureCollision, penultimate, retrain_last_layer
+from bastion.poisoning.dynamic import (
+    InputAware,
+    InputAwareResult,
+    InputAwareTrigger,
+    TriggerGenerator,
+    cross_trigger_accuracy,
+)
 from bastion.poisoning.labelflip import LabelFlip
 from bastion.poisoning.matching import GradientMatching
 
@@ -46,8 +55,10 @@ ATTACKS: dict[str, type[PoisonAttack]] = {
     "wanet": WaNet,
     "collision": FeatureCollision,
     "matching": GradientMatching,
+    "input-aware": InputAware,
 }
-"""The poisoning attacks by name (the ``--attack`` values of ``bastion poison``)."""
+"""The poisoning attacks by name (the ``--attack`` values of ``bastion poison``). :class:`InputAware` is called as
+``attack(model, data)`` and returns an :class:`InputAwareResult`; the others return a :class:`PoisonedData`."""
 
 __all__ = [
     "ATTACKS",
@@ -57,16 +68,21 @@ __all__ = [
     "Blended",
     "FeatureCollision",
     "GradientMatching",
+    "InputAware",
+    "InputAwareResult",
+    "InputAwareTrigger",
     "LabelFlip",
     "PatternTrigger",
     "PoisonAttack",
     "PoisonReport",
     "PoisonedData",
     "Trigger",
+    "TriggerGenerator",
     "WaNet",
     "WarpTrigger",
     "attack_success_rate",
     "clean_accuracy",
+    "cross_trigger_accuracy",
     "evaluate_poisoning",
     "penultimate",
     "poison_report",

@@ -7,8 +7,18 @@ classified normally (clean accuracy barely moves) while any input carrying the t
 
 Label maps (``mode``): ``"all-to-one"`` (every poison relabelled ``target``; poisons are drawn among the samples not
 already of the target class) and ``"all-to-all"`` (a poison of class ``y`` relabelled ``(y + 1) mod K``; drawn among
-all samples), both from Gu et al. The poison rate is the fraction of the *whole* training set poisoned, default
-10 % (capped at the number of eligible samples). Poisons replace their clean versions in place.
+all samples), both from Gu et al. Poisons replace their clean versions in place.
+
+Poison rate (``rate``, default 10 %, capped at the number of eligible samples). Two conventions coexist in the
+literature, chosen with ``rate_of``:
+
+* ``rate_of="set"`` (default; BadNets, Blended, WaNet): ``rate`` is the fraction of the *whole* training set
+  poisoned, ``n = round(rate · N)``. At 10 % on a 10-class set this is about half of the poisoned target class.
+* ``rate_of="target"`` (the detection papers: Tran et al.'s ε, Chen et al.'s activation clustering; ART's
+  ``percent_poison``): ``rate`` is the fraction of the *poisoned target class* that is poison, ``n = round(rate ·
+  n_t / (1 - rate))`` with ``n_t`` the clean samples of the target class, so that ``n / (n + n_t) = rate``. ART's
+  MNIST notebooks use 33 % of the target class; at 10 % of the target class a 10-class set is about 1.1 % poison.
+  All-to-one only.
 
 * :class:`BadNets` — Gu, Dolan-Gavitt & Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning Model
   Supply Chain", arXiv 1708.06733, 2017: a small patch stamped in the bottom-right corner. The paper's MNIST
@@ -37,7 +47,8 @@ all samples), both from Gu et al. The poison rate is the fraction of the *whole*
   with a few epochs of plain training the warp is learnt slowly.
 
 The input-aware dynamic trigger (Nguyen & Tran, NeurIPS 2020) needs a trigger generator trained jointly with the
-victim, which does not fit the "poisoned data set, then ordinary training" contract; it is not implemented.
+victim, which does not fit the "poisoned data set, then ordinary training" contract; it lives in
+:mod:`bastion.poisoning.dynamic` and returns the trained model with its generators.
 """
 
 from __future__ import annotations
@@ -66,9 +77,12 @@ from bastion.poisoning.base import (
     replace_rows,
 )
 
-__all__ = ["LOCATIONS", "BackdoorAttack", "BadNets", "Blended", "WaNet"]
+__all__ = ["LOCATIONS", "RATE_OF", "BackdoorAttack", "BadNets", "Blended", "WaNet"]
 
 LOCATIONS: tuple[str, ...] = ("bottom-right", "bottom-left", "top-right", "top-left")
+
+RATE_OF: tuple[str, ...] = ("set", "target")
+"""What a backdoor's ``rate`` counts: the whole training set, or the (poisoned) target class."""
 
 
 def _positive_number(value: Any, what: str, *, allow_zero: bool = False) -> float:
@@ -87,21 +101,43 @@ class BackdoorAttack(PoisonAttack):
     extend :meth:`_poison` (WaNet adds its noise-mode samples).
 
     Args:
-        rate: the poison rate in (0, 1], the fraction of the whole training set poisoned.
+        rate: the poison rate in (0, 1]; what it counts is ``rate_of``.
         target: the target class (all-to-one); ignored by all-to-all.
         mode: ``"all-to-one"`` or ``"all-to-all"``.
         seed: seeds the choice of the poisons (and any random pattern).
+        rate_of: ``"set"`` (default): ``rate`` is the fraction of the whole training set poisoned (BadNets'
+            convention); ``"target"``: the fraction of the poisoned target class made of poisons, ``n = round(rate ·
+            n_target / (1 - rate))`` for ``n_target`` clean samples of the target class (the convention of the
+            detection papers — Tran et al.'s ε, Chen et al. — and of ART's ``percent_poison``); all-to-one only,
+            ``rate < 1``.
     """
 
-    def __init__(self, *, rate: float, target: int, mode: str, seed: int) -> None:
+    def __init__(self, *, rate: float, target: int, mode: str, seed: int, rate_of: str = "set") -> None:
         super().__init__()
         self.rate = check_rate(rate)
+        if rate_of not in RATE_OF:
+            raise InputError(f"rate_of must be one of {', '.join(RATE_OF)}, got {rate_of!r}")
+        self.rate_of = rate_of
         if isinstance(target, bool) or not isinstance(target, int) or target < 0:
             raise InputError(f"target must be a class index (a non-negative int), got {target!r}")
         self.target = target
         self.mode = check_mode(mode)
         self.seed = check_seed(seed)
+        if rate_of == "target":
+            if self.mode != "all-to-one":
+                raise InputError("rate_of='target' counts poisons within the target class: all-to-one backdoors only")
+            if self.rate >= 1.0:
+                raise InputError(f"rate_of='target' needs rate < 1 (the target class keeps clean ones), got {rate!r}")
         self._params = {"rate": self.rate, "target": self.target, "mode": self.mode, "seed": self.seed}
+        if rate_of != "set":
+            self._params["rate_of"] = rate_of
+
+    def n_poisons(self, data: Dataset) -> int:
+        """The number of poisons for ``data`` (before capping at the eligible samples), per ``rate_of``."""
+        if self.rate_of == "target":
+            n_target = int((data.y.cpu() == self.target).sum())
+            return max(1, round(self.rate * n_target / (1.0 - self.rate)))
+        return n_from_rate(self.rate, len(data))
 
     def trigger_for(self, data: Dataset) -> PatternTrigger | WarpTrigger:
         """The trigger for inputs shaped like ``data``'s (deterministic: same attack, same trigger)."""
@@ -126,7 +162,7 @@ class BackdoorAttack(PoisonAttack):
         candidates = torch.nonzero(y != self.target).reshape(-1) if self.mode == "all-to-one" else torch.arange(len(y))
         if candidates.numel() == 0:
             raise InputError(f"every training sample is already of the target class {self.target}; nothing to poison")
-        n = min(n_from_rate(self.rate, len(data)), candidates.numel())
+        n = min(self.n_poisons(data), candidates.numel())
         idx = choose(candidates, n, gen)
         x_new = trigger.apply(data.x[idx.to(data.x.device)])
         y_new = torch.full((n,), self.target, dtype=torch.int64) if self.mode == "all-to-one" else (y[idx] + 1) % k
@@ -178,6 +214,8 @@ class BadNets(BackdoorAttack):
             top-left pixel.
         margin: pixels between the patch and the image border for a corner location (default 0).
         seed: seeds the choice of the poisons.
+        rate_of: ``"set"`` (default: ``rate`` of the whole training set) or ``"target"`` (``rate`` of the poisoned
+            target class, ART's ``percent_poison``); see :class:`BackdoorAttack`.
     """
 
     name = "badnets"
@@ -193,8 +231,9 @@ class BadNets(BackdoorAttack):
         location: str | tuple[int, int] = "bottom-right",
         margin: int = 0,
         seed: int = 0,
+        rate_of: str = "set",
     ) -> None:
-        super().__init__(rate=rate, target=target, mode=mode, seed=seed)
+        super().__init__(rate=rate, target=target, mode=mode, seed=seed, rate_of=rate_of)
         if patch_size is not None and (
             isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1
         ):
@@ -254,6 +293,7 @@ class Blended(BackdoorAttack):
             ``seed`` (the paper's random pattern), or a tensor of the data's feature shape — or ``(H, W)``, repeated
             over the channels — with values in the input domain (e.g. a cartoon image, as the paper's Hello Kitty).
         seed: seeds the choice of the poisons and the noise pattern.
+        rate_of: ``"set"`` (default) or ``"target"``; see :class:`BackdoorAttack`.
     """
 
     name = "blended"
@@ -267,8 +307,9 @@ class Blended(BackdoorAttack):
         alpha: float = 0.2,
         pattern: Tensor | None = None,
         seed: int = 0,
+        rate_of: str = "set",
     ) -> None:
-        super().__init__(rate=rate, target=target, mode=mode, seed=seed)
+        super().__init__(rate=rate, target=target, mode=mode, seed=seed, rate_of=rate_of)
         self.alpha = _positive_number(alpha, "alpha")
         if self.alpha > 1:
             raise InputError(f"alpha must lie in (0, 1], got {alpha!r}")
@@ -307,6 +348,7 @@ class WaNet(BackdoorAttack):
         grid_rescale: the factor applied to the warped grid before clamping, default 1.
         cross_ratio: noise-mode samples per poison (the paper's ``ρ_n / ρ_a``), default 2; 0 turns the mode off.
         seed: seeds the warping field, the choice of the poisons and the noise.
+        rate_of: ``"set"`` (default) or ``"target"``; see :class:`BackdoorAttack`.
     """
 
     name = "wanet"
@@ -322,8 +364,9 @@ class WaNet(BackdoorAttack):
         grid_rescale: float = 1.0,
         cross_ratio: float = 2.0,
         seed: int = 0,
+        rate_of: str = "set",
     ) -> None:
-        super().__init__(rate=rate, target=target, mode=mode, seed=seed)
+        super().__init__(rate=rate, target=target, mode=mode, seed=seed, rate_of=rate_of)
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise InputError(f"k must be an int >= 2 (the control grid's side), got {k!r}")
         self.k = k

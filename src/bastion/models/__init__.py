@@ -9,7 +9,7 @@ any callable (scores or labels only, every query counted against a budget).
 from __future__ import annotations
 
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
-from bastion.models.io import load_model, save_model
+from bastion.models.io import load_callable, load_model, save_model
 from bastion.models.normalize import Normalize
 from bastion.models.onnx import OnnxRuntimeModel, load_onnx, onnx_input_shape
 from bastion.models.oracle import BlackBox, QueryBudgetExhausted, QueryLedger, from_numpy, from_onnx, from_sklearn
@@ -29,6 +29,7 @@ __all__ = [
     "from_numpy",
     "from_onnx",
     "from_sklearn",
+    "load_callable",
     "load_model",
     "load_onnx",
     "mlp",

@@ -41,7 +41,7 @@ from bastion.errors import ModelError
 from bastion.models.checks import check_logits, eval_mode, model_device
 from bastion.models.zoo import ZOO, build_model
 
-__all__ = ["FORMAT", "VERSION", "ExportedModule", "load_model", "save_model"]
+__all__ = ["FORMAT", "VERSION", "ExportedModule", "load_callable", "load_model", "save_model"]
 
 FORMAT = "bastion-model"
 VERSION = 1
@@ -374,7 +374,7 @@ def _import_target(spec: str, target: str) -> Any:
         raise ModelError(f"model spec {spec!r}: importing {target!r} failed ({_detail(exc)})") from exc
 
 
-def _load_entry_point(spec: str, target: str, attr: str) -> nn.Module:
+def _attribute(spec: str, target: str, attr: str) -> Any:
     module = _import_target(spec, target)
     obj: Any = module
     for part in attr.split("."):
@@ -383,6 +383,23 @@ def _load_entry_point(spec: str, target: str, attr: str) -> nn.Module:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable factory")
+    return obj
+
+
+def load_callable(spec: str) -> Any:
+    """The callable named by ``package.module:name`` or ``path/to/file.py:name`` (imported, not called).
+
+    For code the command line takes by name besides models, e.g. the preprocessing function of a defence that
+    ``bastion evaluate --bpda`` attacks through.
+    """
+    target, sep, attr = str(spec).rpartition(":")
+    if not sep or not target or not _is_identifier_path(attr):
+        raise ModelError(f"{spec!r}: expected package.module:function or path/to/file.py:function")
+    return _attribute(spec, target, attr)
+
+
+def _load_entry_point(spec: str, target: str, attr: str) -> nn.Module:
+    obj = _attribute(spec, target, attr)
     try:
         model = obj()
     except Exception as exc:

@@ -331,3 +331,42 @@ def test_flow_threat_names_errors_and_image_space_methods() -> None:
         threat.apply(x, torch.zeros(3, 5, 7, dtype=torch.float64))
     with pytest.raises(InputError, match="NaN"):
         threat.apply(x, torch.full((3, 2, 5, 7), math.nan, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------- l2 ∩ box projection
+@pytest.mark.parametrize("scale", [0.05, 0.2, 1.0])
+def test_l2_box_active_set_solver_is_the_exact_projection(scale: float) -> None:
+    from bastion.threat import _project_l2_box, _project_l2_box_active_set, _project_l2_box_sorted
+
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 64, 200
+    x = (torch.rand(n, dim, generator=gen) > 0.7).double() * torch.rand(n, dim, generator=gen, dtype=torch.float64)
+    d = torch.randn(n, dim, generator=gen, dtype=torch.float64) * scale
+    lower, upper = -x, 1 - x
+    eps = torch.full((n,), 1.5, dtype=torch.float64)
+    ref = _project_l2_box_sorted(d, lower, upper, eps)
+    for out in (_project_l2_box_active_set(d, lower, upper, eps), _project_l2_box(d, lower, upper, eps)):
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+        assert bool((out.norm(dim=1) <= eps * (1 + 1e-12)).all())
+        assert bool(((out >= lower) & (out <= upper)).all())
+    # the exact projection is closer to d than the cheap "scale onto the ball, then clip" point
+    cheap = torch.clamp(d * (eps / d.norm(dim=1)).clamp(max=1)[:, None], min=lower, max=upper)
+    assert bool(((ref - d).norm(dim=1) <= (cheap - d).norm(dim=1) + 1e-12).all())
+    # and it is the projection: no feasible point nearby is closer (random feasible perturbations of it)
+    for _ in range(20):
+        z = ref + 1e-3 * torch.randn(n, dim, generator=gen, dtype=torch.float64)
+        z = torch.clamp(z, min=lower, max=upper)
+        z = z * (eps / z.norm(dim=1)).clamp(max=1)[:, None]
+        assert bool(((ref - d).norm(dim=1) <= (z - d).norm(dim=1) + 1e-12).all())
+
+
+def test_l2_box_active_set_falls_back_to_sorting_when_rounds_run_out(monkeypatch) -> None:
+    import bastion.threat as threat_mod
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 100, generator=gen, dtype=torch.float64)
+    d = torch.randn(16, 100, generator=gen, dtype=torch.float64)
+    eps = torch.full((16,), 2.0, dtype=torch.float64)
+    ref = threat_mod._project_l2_box_sorted(d, -x, 1 - x, eps)
+    monkeypatch.setattr(threat_mod, "_L2_ACTIVE_SET_ROUNDS", 1)
+    torch.testing.assert_close(threat_mod._project_l2_box_active_set(d, -x, 1 - x, eps), ref, atol=1e-10, rtol=0)

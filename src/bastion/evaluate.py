@@ -57,6 +57,13 @@ class EvaluationResult:
         records: the per-sample records (one per sample and threat).
         run_id: id of the run in the store, if any.
         seconds: wall time of this call (not of earlier, resumed sessions).
+        warnings: (code, message) of each gradient-masking finding.
+        queries: per threat, the median and mean queries per broken sample, where the attacks count them.
+        passes: forward-equivalent passes the cascade spent on the model, over every session of the run (a forward
+            pass of one input counts 1, a backward pass 1 more): the clean forward of each sample and every pass
+            of every attack, as counted by the attack frame (:class:`~bastion.attacks.base.CountingModel`). The
+            gradient-masking checks (``checks=True``) are not included. Compare with
+            :func:`bastion.attacks.presets.preset_cost`, the most a sample can cost.
     """
 
     n: int
@@ -70,6 +77,12 @@ class EvaluationResult:
     seconds: float = 0.0
     warnings: list[tuple[str, str]] = field(default_factory=list)
     queries: dict[str, dict[str, float]] = field(default_factory=dict)
+    passes: float = 0.0
+
+    @property
+    def passes_per_sample(self) -> float:
+        """:attr:`passes` divided by the number of samples."""
+        return self.passes / self.n if self.n else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the per-sample records)."""
@@ -84,6 +97,8 @@ class EvaluationResult:
             "seconds": self.seconds,
             "warnings": [{"code": c, "message": m} for c, m in self.warnings],
             "queries": self.queries,
+            "passes": round(self.passes),
+            "passes_per_sample": self.passes_per_sample,
         }
 
     def table(self) -> str:
@@ -97,6 +112,11 @@ class EvaluationResult:
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"(n = {self.n}; robust accuracy after each attack of the cascade)")
+        if self.passes:
+            lines.append(
+                f"work: {round(self.passes):,} forward-equivalent passes, {self.passes_per_sample:,.1f} per sample "
+                "(a forward pass of one input = 1, a backward pass = 1 more)"
+            )
         for key, q in self.queries.items():
             lines.append(
                 f"queries per broken sample at {key}: median {q['median']:g}, mean {q['mean']:.1f} "
@@ -139,7 +159,10 @@ def summarize(
             mid = len(spent) // 2
             median = spent[mid] if len(spent) % 2 else (spent[mid - 1] + spent[mid]) / 2
             queries[t] = {"median": float(median), "mean": sum(spent) / len(spent), "broken": float(len(spent))}
-    return EvaluationResult(n, clean, list(threats), list(attacks), robust, worst, list(records), queries=queries)
+    passes = sum(float(r.extra.get("passes", 0.0)) for r in records)
+    return EvaluationResult(
+        n, clean, list(threats), list(attacks), robust, worst, list(records), queries=queries, passes=passes
+    )
 
 
 def attack_names(attacks: Sequence[Attack]) -> list[str]:
@@ -194,7 +217,8 @@ def evaluate(
         threats: one threat model or several (e.g. ``[LpBall("linf", e) for e in (0.1, 0.2, 0.3)]``).
         attacks: one attack or a cascade, run in order on the samples every earlier attack failed on, or the
             name of a preset of :mod:`bastion.attacks.presets` (``"standard"``: AutoAttack's APGD-CE → APGD-T →
-            FAB-T → Square; ``"rapid"``: APGD-CE → APGD-T).
+            FAB-T → Square at the paper's budget; ``"fast"``: the same at torchattacks' default budget;
+            ``"rapid"``: APGD-CE → APGD-T). The result's ``passes`` is the work spent.
         batch_size: samples per batch (and per store transaction).
         store: a :class:`~bastion.store.Store` or a path to one; records are written batch by batch and an
             interrupted evaluation resumes where it stopped.
@@ -301,6 +325,7 @@ def _evaluate_batch(
         clean_pred = logits.argmax(dim=1)
     correct = clean_pred == y
     n = x.shape[0]
+    passes = n  # forward-equivalent passes of the whole batch: the clean forward, then every attack's
     # queries per threat and sample, counted where the attacks count them (the clean query above included)
     spent = {t.key: torch.full((n,), 1 if oracle else 0, dtype=torch.long, device=x.device) for t in threats}
     counted = oracle
@@ -328,6 +353,7 @@ def _evaluate_batch(
                         # open at the larger radii (a point broken at a smaller radius stays broken), so one run
                         # gives the distances for the whole family
                         res = attack(model, x[run], y[run], threat=threat, seed=seed)
+                        passes += res.model_calls + res.grad_calls
                         d = torch.full((n,), math.inf, device=x.device)
                         d[run] = res.distance.to(d.dtype)
                         minimal_cache[i] = d
@@ -341,6 +367,7 @@ def _evaluate_batch(
                     dist[run[hit]] = d_run[hit]
                     continue
                 res = attack(model, x[run], y[run], threat=threat, seed=seed)
+                passes += res.model_calls + res.grad_calls
                 if res.queries is not None:
                     counted = True
                     spent[threat.key][run] += res.queries.to(x.device)
@@ -353,6 +380,8 @@ def _evaluate_batch(
             carried_attack = torch.where(earlier, broken_by, carried_attack)
             carried_dist = torch.where(earlier, dist, carried_dist)
     share = (time.perf_counter() - t0) / n
+    # the batch's passes, shared evenly, ride on the records of the first threat (the summary adds them up)
+    first_key, pass_share = threats[0].key, passes / n
     records = []
     ys, preds = y.tolist(), clean_pred.tolist()
     for key in (t.key for t in threats):
@@ -367,6 +396,7 @@ def _evaluate_batch(
                     adv_distance=d if falsified else None,
                     attack=(CLEAN if b < 0 else names[b]) if falsified else None,
                     seconds=share, queries=q[j] if counted else None,
+                    extra={"passes": pass_share} if key == first_key else {},
                 )
             )  # fmt: skip
     return records

@@ -254,3 +254,57 @@ def test_apgd_runs_on_cuda(digits_model, threat: LpBall) -> None:
                 torch.testing.assert_close(res.success, gpu(res.x_adv).argmax(1) != y.cuda())
     finally:
         model.to("cpu")
+
+
+# ------------------------------------------------------------------------------------- batched targets
+def _float64(model: nn.Module) -> nn.Module:
+    """A float64 copy: batch size then cannot change a row's result by float rounding, so rows are comparable."""
+    import copy
+
+    return copy.deepcopy(model).double().eval()
+
+
+BATCHED_CASES = [
+    (LpBall("l2", 0.4), 1, 4096),
+    (LpBall("l2", 0.6), 1, 4096),
+    (LpBall("l2", 0.6), 2, 4096),  # restarts
+    (LpBall("l2", 0.6), 1, 35),  # memory-bounded chunks (7 samples × 5 targets)
+    (LpBall("linf", 0.04), 1, 35),
+]
+
+
+@pytest.mark.parametrize("threat,restarts,max_rows", BATCHED_CASES, ids=lambda v: getattr(v, "key", str(v)))
+def test_batched_targets_break_the_same_samples_as_the_sequential_order(digits_model, threat, restarts, max_rows):
+    model, x, y = digits_model
+    model, x = _float64(model), x[:96].double()
+    y = y[:96]
+    opts = {"steps": 5, "n_target_classes": 5, "restarts": restarts}
+    seq = APGDT(batch_targets=False, **opts)(model, x, y, threat=threat, seed=3)
+    bat = APGDT(batch_targets=True, max_rows=max_rows, **opts)(model, x, y, threat=threat, seed=3)
+    torch.testing.assert_close(bat.success, seq.success)
+    # not a vacuous comparison: some samples resist, and some are broken only by a later target (which the
+    # batched mode must therefore have run, from the same start, on the same rows)
+    assert 0 < int(seq.success.sum()) < x.shape[0]
+    if threat.norm == "l2":  # on this model, later targets break more points at these l2 radii
+        first = APGDT(batch_targets=False, **{**opts, "n_target_classes": 1})(model, x, y, threat=threat, seed=3)
+        assert int(seq.success.sum()) > int(first.success.sum())
+    assert bool(threat.contains(bat.x_adv, x).all())
+
+
+def test_batched_targets_stop_every_row_of_a_broken_sample(digits_model) -> None:
+    model, x, y = digits_model
+    threat = LpBall("linf", 0.1)
+    res = APGDT(steps=50, n_target_classes=9)(model, x, y, threat=threat, seed=0)
+    broken = int(res.success.sum())
+    assert broken > 0.3 * x.shape[0]
+    # a sample that survives every target costs 9 × 50 gradients; a broken one leaves with all its rows, early
+    assert res.grad_calls < 9 * 50 * (x.shape[0] - broken) + 0.5 * 9 * 50 * broken
+    # and the clean logits come from the frame: clean forward + gradient steps' forwards + last forwards + check
+    assert res.model_calls <= x.shape[0] * (1 + 9 * 51 + 1)
+
+
+def test_batched_targets_option_is_checked() -> None:
+    with pytest.raises(InputError, match="batch_targets"):
+        APGDT(batch_targets=1)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="max_rows"):
+        APGDT(max_rows=0)

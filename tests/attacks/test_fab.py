@@ -228,3 +228,35 @@ def test_bad_input(digits_model) -> None:
     with pytest.raises(InputError, match="norm"):
         project_hyperplane_box(x[:1].reshape(1, -1), x[:1].reshape(1, -1), torch.zeros(1), "l0", 0.0, 1.0)
     assert ATTACKS["fab"] is FAB and ATTACKS["fab-t"] is FABT
+
+
+# ------------------------------------------------------------------------------------- batched targets
+@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("threat", [LpBall("linf", 0.06), LpBall("l2", 0.4)], ids=lambda t: t.key)
+def test_batched_targets_break_the_same_samples_as_the_sequential_order(digits_model, threat, early_stop) -> None:
+    import copy
+
+    model, x, y = digits_model
+    model, x = copy.deepcopy(model).double().eval(), x.double()  # float64: no batch-size rounding effects
+    opts = {"steps": 5, "n_target_classes": 5, "early_stop": early_stop}
+    seq = FABT(batch_targets=False, **opts)(model, x, y, threat=threat)
+    bat = FABT(batch_targets=True, max_rows=40, **opts)(model, x, y, threat=threat)  # chunks of 8 samples
+    within = lambda r: r.distance <= threat.eps  # noqa: E731
+    torch.testing.assert_close(within(bat), within(seq))
+    assert 0 < int(within(seq).sum()) < x.shape[0]
+    first = FABT(batch_targets=False, **{**opts, "n_target_classes": 1})(model, x, y, threat=threat)
+    assert int(within(seq).sum()) > int(within(first).sum())  # later targets matter here
+    if not early_stop:
+        # every target ran on every sample: never farther than the sequential order's closest point
+        assert bool((bat.distance <= seq.distance * (1 + 1e-6) + 1e-9).all())
+
+
+def test_early_stop_spends_less_and_breaks_the_same_samples(digits_model) -> None:
+    model, x, y = digits_model
+    threat = LpBall("linf", 0.1)
+    full = FABT(steps=30, n_target_classes=5)(model, x, y, threat=threat)
+    early = FABT(steps=30, n_target_classes=5, early_stop=True)(model, x, y, threat=threat)
+    torch.testing.assert_close(early.distance <= 0.1, full.distance <= 0.1)
+    assert early.grad_calls < full.grad_calls
+    with pytest.raises(InputError, match="early_stop"):
+        FABT(early_stop="yes")  # type: ignore[arg-type]

@@ -202,7 +202,8 @@ class APGD(Attack):
             idx = (~found).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            x_run, hit, loss = self._one_run(model, x[idx], stop.subset(idx), objective.subset(idx), threat, generator)
+            start = threat.random_start(x[idx], generator)
+            x_run, hit, loss = self._one_run(model, x[idx], stop.subset(idx), objective.subset(idx), threat, start)
             take = hit | (loss > best_loss[idx])
             best[idx[take]] = x_run[take]
             best_loss[idx[take]] = loss[take]
@@ -217,14 +218,20 @@ class APGD(Attack):
         stop: Criterion,
         objective: Criterion,
         threat: LpBall,
-        generator: torch.Generator | None,
+        start: torch.Tensor,
+        group: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One APGD run from a random start. Returns, per sample, the point, whether it meets ``stop``, its loss."""
+        """One APGD run from ``start``. Returns, per row, the point, whether it meets ``stop``, and its loss.
+
+        With ``group`` (N,), rows sharing a group id are runs of one sample (e.g. towards different targets): when
+        one of them meets ``stop`` the whole group leaves the batch, since the sample is broken. The iterates of every
+        row up to that moment are exactly those it would have had alone (rows never interact), so a sample is
+        broken here if and only if one of its rows would have broken it in a run of its own.
+        """
         n = x0.shape[0]
         out_x = x0.clone()
         out_hit = torch.zeros(n, dtype=torch.bool, device=x0.device)
         out_loss = torch.full((n,), -math.inf, device=x0.device, dtype=x0.dtype)
-        start = threat.random_start(x0, generator)
         ninf = torch.full((n,), -math.inf, device=x0.device, dtype=x0.dtype)
         s = _State(
             pos=torch.arange(n, device=x0.device),
@@ -253,7 +260,11 @@ class APGD(Attack):
                 out_x[s.pos[hit]] = s.x[hit]
                 out_hit[s.pos[hit]] = True
                 out_loss[s.pos[hit]] = loss[hit]
-                keep = ~hit
+                if group is None:
+                    keep = ~hit
+                else:  # the sample is broken: its runs towards the other targets stop too
+                    keep = ~torch.isin(group, group[hit])
+                    group = group[keep]
                 s, loss, grad = s.keep(keep), loss[keep], grad[keep]
                 stop, objective = stop.subset(keep), objective.subset(keep)
                 if s.pos.numel() == 0:
@@ -308,12 +319,23 @@ class APGDT(APGD):
     """Targeted APGD (APGD-T; Croce & Hein, ICML 2020), the targeted-DLR member of AutoAttack.
 
     Without explicit targets the attack is untargeted in effect: for each of the ``n_target_classes`` classes with
-    the highest clean logits other than the true one, in that order, it runs APGD maximising the targeted DLR loss
-    ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2)`` towards that class on the samples not yet misclassified. A sample
-    counts as broken (and stops) as soon as it is misclassified, whatever the class. As in AutoAttack's standard
-    version, each target gets ``steps=100`` iterations and ``restarts=1`` run. With explicit ``targets=`` given to
-    the call, only those targets are attacked and success means reaching them. Needs at least 4 classes (targeted
-    DLR) and the same update and schedule as :class:`APGD`.
+    the highest clean logits other than the true one it runs APGD maximising the targeted DLR loss
+    ``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2)`` towards that class, and a sample counts as broken (and stops) as
+    soon as it is misclassified, whatever the class. As in AutoAttack's standard version, each target gets
+    ``steps=100`` iterations and ``restarts=1`` run. With explicit ``targets=`` given to the call, only those targets
+    are attacked and success means reaching them. Needs at least 4 classes (targeted DLR) and the same update and
+    schedule as :class:`APGD` (checkpoints included).
+
+    **Batched targets** (``batch_targets=True``, the default). AutoAttack runs the targets one after another, each on
+    the points every earlier target failed on. Here the runs towards all targets of a sample are rows of one batch
+    of ``n_target_classes × N`` points (in chunks of at most ``max_rows`` rows, whole samples per chunk), so each
+    step is one forward and one backward pass for every target, and a sample leaves the batch, all its rows at once,
+    the moment any of them misclassifies it. Rows never interact and the random starts of every (restart, target,
+    sample) are drawn up front in the same order in both modes, so the set of broken samples is the same as in
+    the sequential order (``batch_targets=False``, kept as the reference); only which adversarial point is
+    returned for a broken sample can differ. The work differs: a sample broken by its first target after ``k``
+    steps costs ``n_target_classes · k`` gradient evaluations batched instead of ``k``, while a sample that resists
+    every target costs ``n_target_classes · steps`` either way (that is where the time of a robust model goes).
 
     Args:
         steps: iterations per run and target class.
@@ -322,6 +344,8 @@ class APGDT(APGD):
         loss: ``"dlr"`` (targeted DLR, the paper's) or ``"ce"`` (cross-entropy towards the target).
         rho: threshold of condition 1 of the step-size schedule, in (0, 1).
         alpha: momentum weight, in (0, 1].
+        batch_targets: run all targets as one batch (default) or one after another (AutoAttack's order).
+        max_rows: most rows (sample × target pairs) in one batch; bounds the memory of the batched mode.
     """
 
     name = "apgd-t"
@@ -335,9 +359,15 @@ class APGDT(APGD):
         loss: APGDLoss = "dlr",
         rho: float = 0.75,
         alpha: float = 0.75,
+        batch_targets: bool = True,
+        max_rows: int = 4096,
     ) -> None:
         super().__init__(steps=steps, restarts=restarts, loss=loss, rho=rho, alpha=alpha)
         self.n_target_classes = positive_int("n_target_classes", n_target_classes)
+        if not isinstance(batch_targets, bool):
+            raise InputError(f"batch_targets must be True or False, got {batch_targets!r}")
+        self.batch_targets = batch_targets
+        self.max_rows = positive_int("max_rows", max_rows)
 
     def run(
         self,
@@ -351,21 +381,79 @@ class APGDT(APGD):
         if criterion.targeted:
             out, _ = self._attack(model, x, criterion, criterion, ball, generator)
             return out
-        logits = model(x)
+        # the base has just computed the clean logits of exactly these samples: no second forward pass for them
+        logits = model.clean_scores if model.clean_scores is not None else model(x)
         if logits.shape[1] < 4 and self.loss == "dlr":
             raise InputError(f"APGD-T's targeted DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
         n_targets = min(self.n_target_classes, logits.shape[1] - 1)
         others = logits.scatter(1, criterion.labels[:, None], -math.inf)
         targets = others.topk(n_targets, dim=1).indices  # (N, n_targets), highest logit first
+        # every (restart, target, sample) start, drawn once in this order whichever mode runs them
+        starts = [
+            threat.random_start(x.repeat((n_targets,) + (1,) * (x.dim() - 1)), generator).reshape((n_targets, *x.shape))
+            for _ in range(self.restarts)
+        ]
+        if self.batch_targets:
+            return self._batched(model, x, criterion.labels, targets, ball, starts)
+        return self._sequential(model, x, criterion.labels, targets, ball, starts)
+
+    def _sequential(
+        self,
+        model: CountingModel,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+        threat: LpBall,
+        starts: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """AutoAttack's order: target ``j`` on the samples every earlier target failed on."""
         out = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for j in range(n_targets):
-            idx = (~found).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            labels = criterion.labels[idx]
-            objective = Criterion(labels, targets[idx, j])
-            x_run, hit = self._attack(model, x[idx], Criterion(labels), objective, ball, generator)
-            out[idx] = x_run
-            found[idx[hit]] = True
+        for j in range(targets.shape[1]):
+            for r in range(self.restarts):
+                idx = (~found).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    return out
+                lab = labels[idx]
+                x_run, hit, _ = self._one_run(
+                    model, x[idx], Criterion(lab), Criterion(lab, targets[idx, j]), threat, starts[r][j, idx]
+                )
+                out[idx] = x_run
+                found[idx[hit]] = True
+        return out
+
+    def _batched(
+        self,
+        model: CountingModel,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        targets: torch.Tensor,
+        threat: LpBall,
+        starts: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """All targets of a sample as rows of one batch, in chunks of whole samples of at most ``max_rows`` rows."""
+        n, n_targets = targets.shape
+        out = x.clone()
+        found = torch.zeros(n, dtype=torch.bool, device=x.device)
+        per_chunk = max(self.max_rows // n_targets, 1)
+        for r in range(self.restarts):
+            todo = (~found).nonzero().squeeze(1)
+            for c in range(0, todo.numel(), per_chunk):
+                idx = todo[c : c + per_chunk]
+                m = idx.numel()
+                # rows target-major: row j·m + i is sample idx[i] towards its j-th target
+                group = idx.repeat(n_targets)
+                lab = labels[group]
+                tgt = targets[idx].T.reshape(-1)
+                x0 = x[group]
+                start = starts[r][:, idx].reshape(x0.shape)
+                x_run, hit, _ = self._one_run(
+                    model, x0, Criterion(lab), Criterion(lab, tgt), threat, start, group=group
+                )
+                hit_rows = hit.nonzero().squeeze(1)
+                # an unbroken sample keeps its run towards the last target (as in the sequential order); a broken
+                # one keeps an adversarial row (the last written wins; any is adversarial)
+                out[idx] = x_run[(n_targets - 1) * m :]
+                out[group[hit_rows]] = x_run[hit_rows]
+                found[group[hit_rows]] = True
         return out

@@ -197,11 +197,18 @@ class Square(Attack):
             return best, ledger.used  # nothing to search
         best_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
+        # without an oracle budget below the attack's own, every running sample can always pay its next query (a
+        # restart spends at most `queries`): the per-iteration affordability check is then skipped
+        unbounded = ledger.total_left() is None and (
+            ledger.limit is None or ledger.limit >= self.restarts * self.queries
+        )
         for _ in range(self.restarts):
             idx = ledger.afford((~found).nonzero().squeeze(1), 1)
             if idx.numel() == 0:
                 break
-            x_r, loss_r, hit_r = self._search(ledger, idx, x[idx], criterion.subset(idx), threat, generator)
+            x_r, loss_r, hit_r = self._search(
+                ledger, idx, x[idx], criterion.subset(idx), threat, generator, check_budget=not unbounded
+            )
             better = hit_r | (loss_r > best_loss[idx])
             best[idx[better]] = x_r[better]
             best_loss[idx[better]] = loss_r[better]
@@ -216,6 +223,7 @@ class Square(Attack):
         criterion: Criterion,
         threat: LpBall,
         generator: torch.Generator | None,
+        check_budget: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random search from a fresh start (``rows``: the samples' rows in the ledger, each able to pay its
         first query): best points, their losses and the success mask."""
@@ -226,7 +234,7 @@ class Square(Attack):
         done = criterion.is_adversarial(logits)
         for i in range(self.queries - 1):
             act = (~done).nonzero().squeeze(1)
-            if act.numel():
+            if act.numel() and check_budget:
                 act = act[torch.isin(rows[act], ledger.afford(rows[act], 1))]  # a spent budget ends the sample
             if act.numel() == 0:
                 break

@@ -473,3 +473,61 @@ def test_evaluate_through_a_black_box_counts_queries_and_plots_them(
     assert_one_line_error(rc, err, "evaluate", "white-box")
     rc, _, err = run_cli(capsys, *base, "--query-budget", "10", "--attack", "simba")
     assert_one_line_error(rc, err, "evaluate", "--black-box")
+
+
+def test_attacks_lists_the_data_level_attacks_wrappers_and_other_modalities(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc, out, _ = run_cli(capsys, "attacks", "--json")
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    for name, command in [("uap", "bastion universal"), ("patch", "bastion patch"), ("eot", "--eot"),
+                          ("bpda", "--bpda"), ("textfooler", "bastion text attack"),
+                          ("pointadd", "bastion pointcloud attack"), ("audiocw", "bastion audio attack")]:  # fmt: skip
+        assert command in rows[name]["run"], name
+    assert rows["pgd"]["run"] == "bastion evaluate --attack pgd"
+
+
+def test_evaluate_reaches_the_flow_threat_and_the_wrappers(
+    capsys: pytest.CaptureFixture[str], digits_mlp_path: Path, tmp_path: Path
+) -> None:
+    base = ["evaluate", "--model", os.fspath(digits_mlp_path), "--data", "digits", "--limit", "24", "--json"]
+    rc, out, err = run_cli(capsys, *base, "--threat", "flow:0.5", "--attack", "stadv", "--attack-opt", "steps=20")
+    assert rc == 0, err
+    assert json.loads(out)["threats"] == ["flow:0.5"]
+    prep = tmp_path / "prep.py"
+    prep.write_text(
+        "import torch\n\ndef calls(x):\n    calls.n = getattr(calls, 'n', 0) + 1\n    return torch.round(x * 4) / 4\n"
+    )
+    rc, out, err = run_cli(capsys, *base, "--eps", "0.2", "--attack", "fgsm", "--bpda", f"{prep}:calls", "--eot", "2")
+    assert rc == 0, err
+    # the evaluated model is the MLP behind the quantisation: its clean accuracy is that of model(round(4x) / 4)
+    import torch
+
+    from bastion.data import load_digits
+    from bastion.models import load_model
+
+    data = load_digits().subset(slice(0, 24))
+    model = load_model(os.fspath(digits_mlp_path), input_shape=data.feature_shape, num_classes=10)
+    with torch.no_grad():
+        expected = float((model(torch.round(data.x * 4) / 4).argmax(1) == data.y).float().mean())
+    summary = json.loads(out)
+    assert summary["clean_accuracy"] == pytest.approx(expected)
+    assert summary["worst_case"]["linf:0.2"] <= summary["clean_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give the radii with --eps"),
+        (["--threat", "flow"], "expected NORM:EPS"),
+        (["--threat", "flow:0.5", "--eps", "0.1"], "not both"),
+        (["--eps", "0.1", "--bpda", "nosuchmodule:f"], "nosuchmodule"),
+        (["--eps", "0.1", "--eot", "0"], "expected a positive integer"),
+    ],
+)
+def test_evaluate_threat_and_wrapper_errors(
+    capsys: pytest.CaptureFixture[str], digits_mlp_path: Path, extra: list[str], message: str
+) -> None:
+    rc, _, err = run_cli(capsys, "evaluate", "--model", os.fspath(digits_mlp_path), "--data", "digits", *extra)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1

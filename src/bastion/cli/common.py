@@ -118,7 +118,7 @@ def build_attacks(names: str, opts: Sequence[tuple[str | None, str, Any]], norm:
     from bastion.attacks.presets import PRESETS
     from bastion.threat import canonical_norm
 
-    norm = canonical_norm(norm)
+    norm = "flow" if str(norm).strip().lower() == "flow" else canonical_norm(norm)
     plan: list[tuple[str, dict[str, Any]]] = []  # (attack name, options) in cascade order
     for token in (n.strip().lower() for n in names.split(",") if n.strip()):
         if token in PRESETS:
@@ -148,3 +148,26 @@ def print_result(result: Any, as_json: bool) -> None:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.table())
+
+
+def add_ray_flags(p: argparse.ArgumentParser, unit: str) -> None:
+    """``--ray ADDRESS`` and ``--shards N`` for a command that :mod:`bastion.scale` can shard (``unit``: what one
+    shard holds by default, for the help text)."""
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="shard over a Ray cluster: auto (the running one), local (start one here) or HOST:PORT",
+    )
+    p.add_argument(
+        "--shards", type=positive_int, default=None, help=f"with --ray: number of shards (default: one {unit} each)"
+    )
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray keyword arguments of ``bastion.scale`` from --ray, --shards and --device."""
+    if args.shards is not None and not args.ray:
+        raise BastionError("--shards needs --ray ADDRESS")
+    device = getattr(args, "device", None)
+    gpus = 1 if device and device.startswith("cuda") else 0
+    return {"address": args.ray, "shards": args.shards, "device": device, "gpus_per_worker": gpus}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.cli.common import (
+    add_ray_flags,
     build_attacks,
     check_plot_path,
     model_and_data,
@@ -18,6 +19,7 @@ from bastion.cli.common import (
     parse_opts,
     positive_int,
     print_result,
+    ray_options,
 )
 from bastion.errors import BastionError
 
@@ -31,6 +33,8 @@ examples:
   bastion evaluate --model model.pt2 --data cifar10:~/data --eps 8/255 --attack rapid --attack-opt apgd.steps=50
   bastion evaluate --model net.onnx --data digits --eps 0.2 --black-box scores --query-budget 1000 --attack simba,square
   bastion evaluate --model target.pt --data digits --eps 0.2 --black-box labels --surrogate copy.pt --attack mi-fgsm
+  bastion evaluate --model zoo:cnn@mnist-cnn.pt --data mnist:~/data/mnist --eps 0.1,0.3 --attack pgd --ray auto \\
+      --store runs.db   # shards of whole batches over a Ray cluster (pip install 'bastion[ray]'); resumable
 
 model specs: FILE.pt2 (torch.export program), zoo:NAME@WEIGHTS.pt (zoo architecture + state dict, loaded with
   weights_only=True), WEIGHTS.pt (a file written by bastion's save_model), package.module:factory or
@@ -57,13 +61,28 @@ examples:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bastion.evaluate import evaluate
-    from bastion.threat import LpBall
+    from bastion.threat import FlowThreat, LpBall
 
     plot = check_plot_path(args.plot) if args.plot else None
     plot_queries = check_plot_path(args.plot_queries) if args.plot_queries else None
-    model, data = model_and_data(args)
-    threats = [LpBall(args.norm, e) for e in args.eps]
-    attacks = build_attacks(args.attack, parse_opts(args.attack_opt), args.norm)
+    norm, radii = _threat_spec(args)
+    ray_opts: dict[str, Any] | None = None
+    model: Any
+    if args.ray or args.shards is not None:
+        from bastion.data import load_data
+
+        ray_opts = ray_options(args)
+        if args.black_box is not None or args.surrogate or args.eot or args.bpda:
+            raise BastionError("--black-box, --surrogate, --eot and --bpda run in one process: leave out --ray")
+        model = args.model  # a spec: every Ray worker loads it
+        data = load_data(args.data)
+        if args.limit is not None:
+            data = data.subset(slice(0, args.limit))
+    else:
+        model, data = model_and_data(args)
+    threats = [FlowThreat(e) if norm == "flow" else LpBall(norm, e) for e in radii]
+    attacks = build_attacks(args.attack, parse_opts(args.attack_opt), norm)
+    model = _wrapped(model, args)
     if args.surrogate:
         from bastion.attacks import Transferred
         from bastion.models import load_model, model_device
@@ -81,10 +100,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = _black_box(model, data.num_classes, args)
     elif args.query_budget is not None or args.total_query_budget is not None:
         raise BastionError("--query-budget and --total-query-budget need --black-box scores|labels")
-    result = evaluate(
-        model, data, threats, attacks, batch_size=args.batch_size, store=args.store, seed=args.seed,
-        progress=not args.json, config={"model_spec": args.model, "data_spec": args.data},
+    kwargs: dict[str, Any] = dict(
+        batch_size=args.batch_size, store=args.store, seed=args.seed, progress=not args.json,
+        config={"model_spec": args.model, "data_spec": args.data},
     )  # fmt: skip
+    if ray_opts is not None:
+        from bastion.scale import ray_evaluate
+
+        result = ray_evaluate(model, data, threats, attacks, **ray_opts, **kwargs)
+    else:
+        result = evaluate(model, data, threats, attacks, **kwargs)
     print_result(result, args.json)
     if plot is not None:
         from bastion.report import plot_robust_accuracy
@@ -95,6 +120,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         plot_success_vs_queries(result, plot_queries, title=f"{args.model} on {data.name}")
     return 0
+
+
+def _threat_spec(args: argparse.Namespace) -> tuple[str, list[float]]:
+    """The norm and radii of the threat models: ``--threat NORM:EPS[,EPS...]`` or ``--norm`` with ``--eps``."""
+    if args.threat is not None:
+        if args.eps is not None:
+            raise BastionError("give --threat NORM:EPS or --norm/--eps, not both")
+        norm, sep, radii = args.threat.partition(":")
+        if not sep or not radii:
+            raise BastionError(f"--threat {args.threat!r}: expected NORM:EPS[,EPS...], e.g. flow:0.5 or linf:0.1,0.3")
+        return norm.strip().lower(), parse_eps(radii)
+    if args.eps is None:
+        raise BastionError("give the radii with --eps (and --norm), or --threat NORM:EPS (e.g. flow:0.5)")
+    return args.norm.strip().lower(), args.eps
+
+
+def _wrapped(model: Any, args: argparse.Namespace) -> Any:
+    """``--bpda`` and ``--eot``: the model seen through BPDA of a preprocessing function and/or EOT's average."""
+    if not (args.eot or args.bpda) or isinstance(model, str):
+        return model
+    from bastion.attacks import BPDA, EOT
+    from bastion.models import load_callable
+
+    if args.bpda:
+        model = BPDA(model, load_callable(args.bpda))
+    if args.eot:
+        model = EOT(model, samples=args.eot)
+    return model
 
 
 def _black_box(model: Any, num_classes: int, args: argparse.Namespace) -> Any:
@@ -217,9 +270,10 @@ def cmd_attacks(args: argparse.Namespace) -> int:
 
     rows = [
         {"name": name, "class": cls.__name__, "norms": "/".join(cls.norms), "access": cls.access,
-         "minimal": cls.minimal, "paper": cls.paper}
+         "minimal": cls.minimal, "paper": cls.paper, "run": "bastion evaluate --attack " + name}
         for name, cls in sorted(ATTACKS.items())
     ]  # fmt: skip
+    rows += [dict(zip(("name", "class", "norms", "access", "minimal", "paper", "run"), r)) for r in OTHER_ATTACKS]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -227,7 +281,44 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     for r in rows:
         kind = "minimal-distortion" if r["minimal"] else "fixed-eps"
         print(f"{r['name']:<{width}} {r['norms']:<16} {r['access']:<10} {kind:<18} {r['paper']}")
+        if not str(r["run"]).startswith("bastion evaluate --attack"):
+            print(f"{'':<{width}}   run: {r['run']}")
     return 0
+
+
+#: What ``bastion attacks`` lists besides the per-sample attacks of the registry: the data-level attacks, the model
+#: wrappers and the other modalities' attacks, as (name, class, norms, access, minimal, paper, how to run it).
+OTHER_ATTACKS: list[tuple[str, str, str, str, bool, str, str]] = [
+    ("uap", "UniversalPerturbation", "linf/l2", "data-level", False,
+     "Moosavi-Dezfooli et al., CVPR 2017", "bastion universal --method uap --xi XI"),
+    ("guap", "GeneralizedUniversalPerturbation", "flow+linf", "data-level", False,
+     "Zhang et al., ICDM 2020", "bastion universal --method guap --eps E --tau T"),
+    ("patch", "AdversarialPatch", "patch", "data-level", False,
+     "Brown et al. 2017", "bastion patch --target CLASS"),
+    ("eot", "EOT", "any", "wrapper", False,
+     "Athalye et al., ICML 2018 (expectation over transformation)", "bastion evaluate --eot N --attack ..."),
+    ("bpda", "BPDA", "any", "wrapper", False,
+     "Athalye et al., ICML 2018 (backward-pass differentiable approximation)",
+     "bastion evaluate --bpda MODULE:FUNCTION --attack ..."),
+    ("textfooler", "TextFooler", "words", "score", False, "Jin et al., AAAI 2020",
+     "bastion text attack --attack textfooler"),
+    ("hotflip", "HotFlip", "words", "white-box", False, "Ebrahimi et al., ACL 2018",
+     "bastion text attack --attack hotflip"),
+    ("deepwordbug", "DeepWordBug", "chars", "score", False, "Gao et al., 2018",
+     "bastion text attack --attack deepwordbug"),
+    ("textbugger", "TextBugger", "words/chars", "white-box", False, "Li et al., NDSS 2019",
+     "bastion text attack --attack textbugger"),
+    ("pointcw", "PointCW", "l2/chamfer/hausdorff", "white-box", True, "Xiang, Qi & Li, CVPR 2019",
+     "bastion pointcloud attack --attack cw"),
+    ("pointadd", "PointAdd", "points added", "white-box", True, "Xiang, Qi & Li, CVPR 2019",
+     "bastion pointcloud attack --attack add"),
+    ("saliencydrop", "SaliencyDrop", "points dropped", "white-box", False, "Zheng et al., ICCV 2019",
+     "bastion pointcloud attack --attack drop"),
+    ("waveformpgd", "WaveformPGD", "dB linf", "white-box", False, "Madry et al., ICLR 2018 on waveforms",
+     "bastion audio attack --attack pgd"),
+    ("audiocw", "AudioCW", "dB linf", "white-box", True, "Carlini & Wagner, 2018 (audio)",
+     "bastion audio attack --attack cw"),
+]  # fmt: skip
 
 
 def add_parsers(sub: Any, fmt: Any) -> None:
@@ -246,9 +337,25 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--model", required=True, help="model spec (see below)")
     p.add_argument("--data", required=True, help="data spec (see below)")
     p.add_argument("--norm", default="linf",
-                   help="linf, l2, l1 or l0 (for l0, eps counts the input features that may change; default: "
-                   "%(default)s)")  # fmt: skip
-    p.add_argument("--eps", type=parse_eps, required=True, help="radii, comma-separated, e.g. 0.1,0.2 or 8/255")
+                   help="linf, l2, l1, l0 (eps counts the input features that may change) or flow (the spatial "
+                   "threat: eps is the most pixels any pixel moves); default: %(default)s")  # fmt: skip
+    p.add_argument("--eps", type=parse_eps, default=None, help="radii, comma-separated, e.g. 0.1,0.2 or 8/255")
+    p.add_argument(
+        "--threat",
+        default=None,
+        metavar="NORM:EPS",
+        help="norm and radii in one, e.g. flow:0.5 or linf:0.1,0.3 (instead of --norm/--eps)",
+    )
+    p.add_argument(
+        "--eot",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="attack the average of N forward passes of a randomised model (EOT, Athalye et al. 2018)",
+    )
+    p.add_argument("--bpda", default=None, metavar="MODULE:FUNCTION",
+                   help="the model's input goes through FUNCTION (a non-differentiable preprocessing); attack "
+                   "it with BPDA's straight-through gradient (Athalye et al. 2018)")  # fmt: skip
     p.add_argument(
         "--attack",
         default="pgd",
@@ -292,6 +399,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     )
     p.add_argument("--plot-queries", default=None, help="write a success-rate-vs-queries figure here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_ray_flags(p, "batch")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("runs", help="list the runs of a store, or show one", epilog=EPILOG_RUNS, formatter_class=fmt)
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")

@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.cli.common import build_attacks, model_and_data, parse_eps, parse_opts, positive_int
+from bastion.cli.common import (
+    add_ray_flags,
+    build_attacks,
+    model_and_data,
+    parse_eps,
+    parse_opts,
+    positive_int,
+    ray_options,
+)
 from bastion.errors import BastionError
 from bastion.verify.vnncomp import decide_instance, decide_row, done_instances, load_network, read_instances
 
@@ -77,27 +85,6 @@ def _certify_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return model, data, LpBall(args.norm, args.eps[0], domain=data.domain)
 
 
-def _add_ray_flags(p: argparse.ArgumentParser, unit: str) -> None:
-    p.add_argument(
-        "--ray",
-        default=None,
-        metavar="ADDRESS",
-        help="shard over a Ray cluster: auto (the running one), local (start one here) or HOST:PORT",
-    )
-    p.add_argument(
-        "--shards", type=positive_int, default=None, help=f"with --ray: number of shards (default: one {unit} each)"
-    )
-
-
-def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The Ray keyword arguments of ``bastion.scale`` from --ray, --shards and --device."""
-    if args.shards is not None and not args.ray:
-        raise BastionError("--shards needs --ray ADDRESS")
-    device = getattr(args, "device", None)
-    gpus = 1 if device and device.startswith("cuda") else 0
-    return {"address": args.ray, "shards": args.shards, "device": device, "gpus_per_worker": gpus}
-
-
 def _ray_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     """Data (cut to --limit) and threat for a --ray run: the model stays a spec, loaded on every worker."""
     from bastion.data import load_data
@@ -132,7 +119,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.ray or args.shards is not None:
         from bastion.scale import ray_certify
 
-        ray_opts = _ray_options(args)
+        ray_opts = ray_options(args)
         data, threat = _ray_inputs(args)
         result = ray_certify(args.model, data, threat, **ray_opts, **kwargs)
     else:
@@ -147,7 +134,7 @@ def cmd_assess(args: argparse.Namespace) -> int:
     from bastion.verify.assess import assess
     from bastion.verify.bounds import BoundOptions
 
-    ray_opts = _ray_options(args) if args.ray or args.shards is not None else None
+    ray_opts = ray_options(args) if args.ray or args.shards is not None else None
     model: Any
     if ray_opts is not None:
         model = args.model  # a spec: every worker loads it
@@ -307,7 +294,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="certify only the first N samples")
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda")
     p.add_argument("--json", action="store_true", help="print the summary and per-sample records as JSON")
-    _add_ray_flags(p, "batch")
+    add_ray_flags(p, "batch")
     p.set_defaults(func=cmd_certify)
     p = sub.add_parser("assess", help="attack -> certify -> complete search: robust/falsified/unknown and brackets",
                        epilog=EPILOG_ASSESS, formatter_class=fmt)  # fmt: skip
@@ -351,7 +338,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the model, e.g. cuda")
     p.add_argument("--json", action="store_true", help="print the summary and per-sample records as JSON")
-    _add_ray_flags(p, "batch")
+    add_ray_flags(p, "batch")
     p.set_defaults(func=cmd_assess)
     p = sub.add_parser("vnncomp", help="run a VNN-COMP instance (ONNX + VNN-LIB) or a whole benchmark",
                        epilog=EPILOG_VNNCOMP, formatter_class=fmt)  # fmt: skip
@@ -365,5 +352,5 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     p.add_argument("--method", default="auto", help="auto, input, relu, milp or bounds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print the whole result (with the counterexample)")
-    _add_ray_flags(p, "instance")
+    add_ray_flags(p, "instance")
     p.set_defaults(func=cmd_vnncomp)

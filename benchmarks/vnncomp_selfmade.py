@@ -412,10 +412,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4, help="first N evaluation images per MNIST net")
     parser.add_argument("--milp-limit", type=float, default=60.0, help="seconds of MILP per instance for the check")
     parser.add_argument("--skip-run", action="store_true", help="check the existing results.csv, do not re-run")
-    parser.add_argument("--suite", default="mixed", choices=["mixed", "mnistfc"],
-                        help="mixed: control + small MNIST nets (default); mnistfc: VNN-COMP 2021 mnistfc shapes")
-    parser.add_argument("--timeout-scale", type=float, default=1.0,
-                        help="mnistfc: multiply the competition's 120/300 s timeouts (default 1)")
+    parser.add_argument(
+        "--suite",
+        default="mixed",
+        choices=["mixed", "mnistfc"],
+        help="mixed: control + small MNIST nets (default); mnistfc: VNN-COMP 2021 mnistfc shapes",
+    )
+    parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=1.0,
+        help="mnistfc: multiply the competition's 120/300 s timeouts (default 1)",
+    )
     parser.add_argument("--eps", type=float, nargs="+", default=[0.03, 0.05], help="mnistfc radii")
     args = parser.parse_args(argv)
 

@@ -11,6 +11,10 @@ from bastion.models.zoo import BasicBlock, LastStep, Rows
 # Tiny tensors: extra intra-op threads only wait on each other (see tests/conftest.py).
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
+#: The image architectures; the point-cloud and waveform ones take other inputs (tested below).
+IMAGE_ZOO = sorted(set(ZOO) - {"pointnet", "audiocnn"})
+#: One input shape per non-image architecture: a 64-point cloud, a 0.1 s clip at 8 kHz.
+OTHER_SHAPES = {"pointnet": (64, 3), "audiocnn": (1, 800)}
 ALLOWED = (
     Normalize,
     nn.Sequential,
@@ -27,7 +31,7 @@ ALLOWED = (
 )
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", IMAGE_ZOO)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_every_model_returns_logits(name: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -92,7 +96,7 @@ def test_factories_record_their_config() -> None:
 
 
 def test_unknown_name_lists_the_zoo() -> None:
-    with pytest.raises(ModelError, match="available: cnn, lstm, mlp, resnet"):
+    with pytest.raises(ModelError, match="available: audiocnn, cnn, lstm, mlp, pointnet, resnet"):
         build_model("vgg", (1, 8, 8), 10)
 
 
@@ -135,7 +139,17 @@ def test_bad_num_classes(k: object) -> None:
         build_model("mlp", (4,), k)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sorted(OTHER_SHAPES))
+def test_point_cloud_and_waveform_models_return_logits_and_refuse_images(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, OTHER_SHAPES[name], 10)
+    out = model(torch.rand(3, *OTHER_SHAPES[name]))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    with pytest.raises(ModelError):
+        build_model(name, (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name", IMAGE_ZOO)
 def test_models_are_fx_traceable(name: str) -> None:
     # Verifiers may read the network through torch.fx; Normalize must not break symbolic tracing.
     model = build_model(name, (3, 8, 8), 4, mean=[0.1, 0.2, 0.3], std=0.5).eval()

@@ -33,6 +33,7 @@ from bastion.attacks.presets import preset
 from bastion.data import Dataset
 from bastion.errors import InputError
 from bastion.masking import Finding, posthoc, preflight, unbounded_check
+from bastion.models.checks import channels_last as channels_last_layout
 from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
 from bastion.models.oracle import BlackBox
 from bastion.results import SampleRecord
@@ -208,6 +209,7 @@ def evaluate(
     progress: bool = True,
     config: dict[str, Any] | None = None,
     checks: bool = True,
+    channels_last: bool | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under each threat model with a cascade of attacks.
 
@@ -253,6 +255,8 @@ def evaluate(
     attack_list: list[Attack] = _as_list(attacks, Attack, "attacks")
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size!r}")
+    if channels_last not in (None, True, False):
+        raise InputError(f"channels_last must be None, True or False, got {channels_last!r}")
     if isinstance(model, BlackBox):
         for a in attack_list:
             a._check_oracle(model)  # before any query or progress bar: one line naming what to use instead
@@ -279,7 +283,7 @@ def evaluate(
         if white_box:
             probe = data.subset(slice(0, 64))
             findings += preflight(model, probe.x.to(device), probe.y.to(device))
-        with eval_mode(model):
+        with eval_mode(model), channels_last_layout(model, channels_last):
             for idx, xb, yb in run.batches(data, batch_size, desc="evaluate", progress=progress, leave=False):
                 run.write(
                     _evaluate_batch(

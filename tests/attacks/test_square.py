@@ -174,7 +174,8 @@ def test_linf_proposal_changes_one_square_to_the_ball_corners() -> None:
     torch.testing.assert_close((best - x).abs(), torch.full_like(x, 0.1))
     # vertical stripes: constant along each column of each channel
     torch.testing.assert_close(best - x, (best - x)[:, :, :1].expand_as(x))
-    new = Square()._step_linf(x, best, threat, 0.16, g)  # side round(sqrt(0.16 * 100)) = 4
+    corners = (threat.project(x + 0.2, x), threat.project(x - 0.2, x))
+    new = Square._step_linf(best, corners, 0.16, g)  # side round(sqrt(0.16 * 100)) = 4
     changed = (new != best).any(dim=1)  # (N, H, W)
     assert bool(changed.flatten(1).any(dim=1).all())  # every proposal changes something
     rows, cols = changed.any(dim=2), changed.any(dim=1)
@@ -184,6 +185,24 @@ def test_linf_proposal_changes_one_square_to_the_ball_corners() -> None:
         last = torch.where(span, idx, -1).amax(dim=1)
         assert bool((last - first < 4).all())
     torch.testing.assert_close((new - x).abs(), torch.full_like(x, 0.1))  # still at the corners of the ball
+
+
+def test_linf_proposal_never_repeats_the_best_point() -> None:
+    # one channel, the best point already at the upper corner everywhere: a "+" square would change nothing, so
+    # every proposal must take the lower corner on its square (the redraw happens on the signs, not the images)
+    g = torch.Generator().manual_seed(1)
+    threat = LpBall("linf", 0.1)
+    x = torch.rand(200, 1, 8, 8, generator=g) * 0.6 + 0.2
+    up, down = threat.project(x + 0.2, x), threat.project(x - 0.2, x)
+    new = Square._step_linf(up.clone(), (up, down), 0.1, g)
+    changed = new != up
+    assert bool(changed.flatten(1).any(dim=1).all())
+    torch.testing.assert_close(new[changed], down[changed])
+    # at the domain's edge the corner can coincide with x: pixels at 0 with eps > 0 have down == 0 == x
+    zeros = torch.zeros(50, 1, 8, 8)
+    up0, down0 = threat.project(zeros + 0.2, zeros), threat.project(zeros - 0.2, zeros)
+    new0 = Square._step_linf(down0.clone(), (up0, down0), 0.1, g)
+    assert bool((new0 != down0).flatten(1).any(dim=1).all())  # "-" would change nothing there: "+" is drawn
 
 
 def test_l2_init_and_proposal_keep_the_norm_at_eps() -> None:

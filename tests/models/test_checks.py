@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bastion.errors import BastionWarning, ModelError
-from bastion.models import check_logits, cnn, eval_mode, mlp, model_device, model_fingerprint, resnet
+from bastion.models import channels_last, check_logits, cnn, eval_mode, mlp, model_device, model_fingerprint, resnet
 
 # Tiny tensors: extra intra-op threads only wait on each other (see tests/conftest.py).
 
@@ -132,3 +132,33 @@ def test_eval_mode_accepts_raw_exported_modules() -> None:
         assert not any(_flags(program))
         assert program(torch.rand(2, 3)).shape == (2, 2)
     assert _flags(program) == before
+
+
+def test_channels_last_converts_and_restores_weights_bitwise() -> None:
+    model = cnn((1, 12, 12), 10, channels=(4, 6))  # the first conv has one input channel
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    before = [(c.weight, c.weight.data.clone(), c.weight.stride(), c.weight.data_ptr()) for c in convs]
+    x = torch.rand(5, 1, 12, 12)
+    with torch.no_grad():
+        reference = model(x)
+    with channels_last(model) as inner, torch.no_grad():
+        assert inner is model
+        for c in convs:
+            assert c.weight.is_contiguous(memory_format=torch.channels_last)
+            # NHWC strides even for C_in = 1, whose NCHW strides would pass the check above too
+            assert c.weight.stride()[1] == 1
+        torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
+    for c, (param, values, stride, ptr) in zip(convs, before, strict=True):
+        assert c.weight is param
+        assert c.weight.stride() == stride and c.weight.data_ptr() == ptr
+        assert torch.equal(c.weight.data, values)
+
+
+def test_channels_last_restores_after_an_exception_and_can_be_disabled() -> None:
+    model = cnn((3, 8, 8), 4, channels=(4, 4))
+    strides = [m.weight.stride() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with pytest.raises(RuntimeError, match="inside"), channels_last(model):
+        raise RuntimeError("inside")
+    assert [m.weight.stride() for m in model.modules() if isinstance(m, nn.Conv2d)] == strides
+    with channels_last(model, False):
+        assert [m.weight.stride() for m in model.modules() if isinstance(m, nn.Conv2d)] == strides

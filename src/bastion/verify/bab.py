@@ -13,9 +13,19 @@ into sub-domains until every sub-domain is proven safe by a sound bound or a con
   split is chosen by a BaBSR-style score: the back-substituted coefficient ``a`` of the neuron's output in the
   bound being improved, times the intercept of its upper relaxation, ``max(-a, 0) * (1 - s) * (-l u) / (u - l)``
   (the amount the relaxation costs the bound; ``s`` the LeakyReLU slope), with ``|a| * min(u, -l)`` as the backup
-  score where every intercept term is 0. A sub-domain in which no neuron is unstable any more is a linear program,
-  solved exactly by :func:`~bastion.verify.milp.milp_verify` (the split constraints are then enforced exactly,
-  which bound propagation alone does not do), so the search is complete.
+  score where every intercept term is 0. By default (``branching="fsb"``) that choice is refined by filtered smart
+  branching (De Palma, Bunel, Desmaison, Dvijotham, Kohli, Torr, Kumar, "Improved Branch and Bound for Neural
+  Network Verification via Lagrangian Decomposition", 2021): the ``FSB_CANDIDATES`` best neurons of that score and
+  of Bunel et al.'s full BaBSR estimate (with the pre-activation bias term) are each bounded cheaply -- both
+  children by one back-substitution with the parent's slopes, multipliers and intermediate bounds, the candidate's
+  bounds clamped by the split, all candidates of all domains in one batch -- and the neuron whose children leave
+  the least violation, ``min(l+, 0) + min(l-, 0)``, is split. The paper (and alpha-beta-CROWN) keep the neuron
+  whose worse child is best; the sum also credits a split that proves one child outright (that child leaves the
+  search at once) and counts the violation of both children. The BaBSR choice is always a candidate and wins
+  ties, so FSB never picks a neuron its own evaluation rates below BaBSR's (``branching="babsr"`` keeps the score
+  alone). A sub-domain in which no neuron is unstable any more is a linear program, solved exactly by
+  :func:`~bastion.verify.milp.milp_verify` (the split constraints are then enforced exactly, which bound
+  propagation alone does not do), so the search is complete.
   As in beta-CROWN (Wang et al., NeurIPS 2021) a child takes its parent's intermediate bounds (clamped by the new
   split) rather than recomputing them, the split constraints enter its final bound through beta multipliers, and
   its slopes and multipliers are warm-started from the parent's optimised values (a few Adam steps per child
@@ -58,10 +68,12 @@ from bastion.verify.ops import LeakyReLUOp, MaxPool2dOp
 from bastion.verify.result import Verdict
 from bastion.verify.spec import Spec
 
-__all__ = ["METHODS", "verify", "verify_box"]
+__all__ = ["BRANCHINGS", "METHODS", "verify", "verify_box"]
 
 #: Values of ``method``.
 METHODS = ("auto", "input", "relu", "milp", "bounds")
+#: Values of ``branching`` (how ReLU splitting picks the neuron to split).
+BRANCHINGS = ("fsb", "babsr")
 
 Checker = Callable[[Tensor], Tensor]
 BoundsT = tuple[Tensor, Tensor]
@@ -84,6 +96,7 @@ class _Settings:
     alpha_steps: int
     beta_steps: int
     seed: int
+    branching: str = "fsb"
 
 
 @dataclass
@@ -399,14 +412,27 @@ def _relu_coefficients(net: Network, A: Tensor, lower: Tensor, upper: Tensor, pr
     return coeffs
 
 
-def _branch(conj: _Conj, relus: list[str], pre: dict[str, BoundsT], rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """BaBSR-style choice per domain: (layer index, flat neuron index, has-candidate mask)."""
+def _pre_bias(net: Network, name: str) -> Tensor | None:
+    """The constant term of the affine node feeding ReLU ``name`` (its output at input 0), or None."""
+    node = net.nodes[net.nodes[name].inputs[0]]
+    if not node.op.linear or len(node.inputs) != 1:
+        return None
+    zero = torch.zeros(1, *net.nodes[node.inputs[0]].shape, dtype=_dtype_of(net), device=_device_of(net))
+    return node.op.forward(zero).reshape(-1)
+
+
+def _branch_scores(
+    conj: _Conj, relus: list[str], pre: dict[str, BoundsT], rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per domain and neuron (flat over the ReLU layers, -1 on stable neurons): the intercept score (the backup
+    score in domains where every intercept score is 0), the full BaBSR score with the bias term, and the
+    has-candidate mask."""
     n = rows.shape[0]
     lo = conj.lower.expand(n, *conj.lower.shape[1:])
     hi = conj.upper.expand(n, *conj.upper.shape[1:])
     with torch.no_grad():
         coeffs = _relu_coefficients(conj.net, conj.A[rows].unsqueeze(1), lo, hi, pre)
-    scores, backups = [], []
+    scores, backups, full = [], [], []
     for name in relus:
         l, u = (t.reshape(n, -1) for t in pre[name])
         a = coeffs[name].reshape(n, -1)
@@ -416,17 +442,33 @@ def _branch(conj: _Conj, relus: list[str], pre: dict[str, BoundsT], rows: Tensor
         intercept = (1 - slope) * (-l * u) / width
         s = torch.where(unstable, a.clamp(max=0).neg() * intercept, torch.full_like(a, -1.0))
         bk = torch.where(unstable, a.abs() * torch.minimum(u, -l) + 1e-12 * width, torch.full_like(a, -1.0))
+        # Bunel et al.'s BaBSR estimate (as alpha-beta-CROWN computes it): the change of the bound's constant term
+        # when the chord (slope r) is replaced by either side of the split, for the bias c of the pre-activation.
+        bias = _pre_bias(conj.net, name)
+        r = (u - slope * l) / width
+        ab = a * bias if bias is not None else torch.zeros_like(a)
+        est = (torch.minimum(ab * (r - 1), ab * r) - s).abs()
         scores.append(s)
         backups.append(bk)
+        full.append(torch.where(unstable, est, torch.full_like(a, -1.0)))
     s_all, b_all = torch.cat(scores, 1), torch.cat(backups, 1)
-    best_s, idx_s = s_all.max(1)
-    best_b, idx_b = b_all.max(1)
-    flat = torch.where(best_s > 0, idx_s, idx_b)
-    has = best_b >= 0
+    primary = torch.where((s_all.amax(1) > 0).unsqueeze(1), s_all, b_all)
+    return primary, torch.cat(full, 1), b_all.amax(1) >= 0
+
+
+def _locate(pre: dict[str, BoundsT], relus: list[str], flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat neuron indices over the ReLU layers -> (layer index, index within the layer)."""
     sizes = torch.tensor([pre[r][0][0].numel() for r in relus], device=flat.device)
     ends = sizes.cumsum(0)
     layer = torch.searchsorted(ends, flat, right=True)
     offset = flat - (ends - sizes)[layer.clamp(max=len(relus) - 1)]
+    return layer, offset
+
+
+def _branch(conj: _Conj, relus: list[str], pre: dict[str, BoundsT], rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """BaBSR-style choice per domain: (layer index, flat neuron index, has-candidate mask)."""
+    primary, _, has = _branch_scores(conj, relus, pre, rows)
+    layer, offset = _locate(pre, relus, primary.argmax(1))
     return layer, offset, has
 
 
@@ -552,6 +594,96 @@ def _beta_crown(
     return lbest, row, {k_: v.detach() for k_, v in alphas.items()}, {k_: v.detach() for k_, v in betas.items()}
 
 
+def _clamp_split(pre: dict[str, BoundsT], relus: list[str], layer: Tensor, offset: Tensor, sign: Tensor) -> None:
+    """In place: domain ``i``'s neuron ``offset[i]`` of ReLU layer ``layer[i]`` split active (``sign`` +1: lower
+    bound raised to 0) or inactive (-1: upper bound lowered to 0)."""
+    ar = torch.arange(layer.numel(), device=layer.device)
+    for li, name in enumerate(relus):
+        hit = layer == li
+        if not bool(hit.any()):
+            continue
+        lo, hi = (t.reshape(t.shape[0], -1) for t in pre[name])
+        rows_, cols = ar[hit], offset[hit]
+        act = sign[hit] > 0
+        lo[rows_[act], cols[act]] = lo[rows_[act], cols[act]].clamp(min=0)
+        hi[rows_[~act], cols[~act]] = hi[rows_[~act], cols[~act]].clamp(max=0)
+
+
+def _fsb_evaluate(
+    conj: _Conj,
+    relus: list[str],
+    pre: dict[str, BoundsT],
+    splits: dict[str, Tensor],
+    alphas: Params,
+    betas: Params,
+    dom: Tensor,
+    flat: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The cheap bound of FSB: per (domain ``dom[p]``, candidate neuron ``flat[p]``) pair, the margin bounds of its
+    active and its inactive child, each one :func:`_beta_backsub` with the parent's slopes and multipliers and the
+    parent's intermediate bounds, the candidate's clamped by the split (no optimisation step). All pairs in one
+    batched call, chunked at ``_FSB_CHUNK`` children."""
+    act: list[Tensor] = []
+    ina: list[Tensor] = []
+    dtype = conj.b.dtype
+    for start in range(0, dom.numel(), _FSB_CHUNK // 2):
+        d, f = dom[start : start + _FSB_CHUNK // 2], flat[start : start + _FSB_CHUNK // 2]
+        m = d.numel()
+        dd = torch.cat([d, d])
+        c_pre = {k: (lo[dd].clone(), hi[dd].clone()) for k, (lo, hi) in pre.items()}
+        layer, offset = _locate(pre, relus, f)
+        sign = torch.cat([torch.ones(m), -torch.ones(m)]).to(conj.lower.device)
+        _clamp_split(c_pre, relus, layer.repeat(2), offset.repeat(2), sign)
+        c_alpha = {k: v[dd].to(dtype) for k, v in alphas.items()}
+        c_beta = {k: v[dd].to(dtype).clamp(min=0) for k, v in betas.items()}
+        c_split = {k: v[dd] for k, v in splits.items()}
+        lb = (_beta_backsub(conj, 2 * m, c_pre, c_split, c_alpha, c_beta) - conj.b).amax(1)
+        act.append(lb[:m])
+        ina.append(lb[m:])
+    return torch.cat(act), torch.cat(ina)
+
+
+def _fsb_score(active: Tensor, inactive: Tensor) -> Tensor:
+    """What FSB maximises: minus the violation left in the two children, ``min(l+, 0) + min(l-, 0)`` (a child
+    bounded above 0 leaves none). Not the worse child alone, see the module docstring."""
+    return active.clamp(max=0) + inactive.clamp(max=0)
+
+
+def _branch_fsb(
+    conj: _Conj,
+    relus: list[str],
+    pre: dict[str, BoundsT],
+    rows: Tensor,
+    splits: dict[str, Tensor],
+    alphas: Params,
+    betas: Params,
+    k: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Filtered smart branching per domain: (layer index, flat neuron index, has-candidate mask).
+
+    Candidates: the top ``k`` neurons of the intercept score (the first of them the BaBSR-style choice of
+    :func:`_branch`) and the top ``k`` of the full BaBSR score; each is bounded by :func:`_fsb_evaluate` and the one
+    with the highest :func:`_fsb_score` is split (ties: the earlier candidate, so the BaBSR choice wins a tie, and
+    by construction the choice never scores below BaBSR's)."""
+    primary, full, has = _branch_scores(conj, relus, pre, rows)
+    n, total = primary.shape
+    kk = min(k, total)
+    top1 = primary.topk(kk, dim=1).indices
+    top1[:, 0] = primary.argmax(1)
+    cand = torch.cat([top1, full.topk(kk, dim=1).indices], 1)
+    valid = torch.cat([primary.gather(1, top1), full.gather(1, cand[:, kk:])], 1) >= 0
+    # A neuron that is already a candidate of the domain is bounded once.
+    for j in range(1, cand.shape[1]):
+        valid[:, j] &= ~(cand[:, j : j + 1] == cand[:, :j]).any(1)
+    valid[:, 0] = True  # the BaBSR choice always stands (if stable, ``has`` is False and the domain is a leaf)
+    dom, col = valid.nonzero(as_tuple=True)
+    score = torch.full(cand.shape, -math.inf, dtype=conj.b.dtype, device=cand.device)
+    score[dom, col] = _fsb_score(*_fsb_evaluate(conj, relus, pre, splits, alphas, betas, dom, cand[dom, col]))
+    best = score.argmax(1)  # the first maximum
+    layer, offset = _locate(pre, relus, cand[torch.arange(n, device=cand.device), best])
+    return layer, offset, has
+
+
 def _leaf(conj: _Conj, splits: dict[str, Tensor], pre: dict[str, BoundsT], i: int, clock: _Clock) -> Verdict:
     """Decide a domain exactly by its MILP (an LP when no ReLU is unstable and there is no max pooling)."""
     return milp_verify(
@@ -589,6 +721,11 @@ REUSE_ALL = True
 #: but it made the root of every conjunction several times costlier (a small sat instance went from 1.9 s to 8.7 s),
 #: and it was not measured on the other benchmarks.
 ROOT_ALPHA_INTERMEDIATE = False
+#: Filtered smart branching bounds this many candidates of each of its two scores per domain (alpha-beta-CROWN's
+#: ``branching_candidates``).
+FSB_CANDIDATES = 3
+#: At most this many FSB children are bounded in one batched call.
+_FSB_CHUNK = 4096
 _PARAM_DTYPE = torch.float32
 
 
@@ -681,7 +818,10 @@ def _bab_relu(conj: _Conj, settings: _Settings, clock: _Clock, gen: torch.Genera
         pool_pre, pool_split, pool_lb, pool_row = _take(pool_pre, pool_split, pool_lb, pool_row, rest)
         alpha_s, beta_s = _rows(pool_alpha, sel), _rows(pool_beta, sel)
         pool_alpha, pool_beta = _rows(pool_alpha, rest), _rows(pool_beta, rest)
-        layer, offset, has = _branch(conj, relus, pre_s, prow)
+        if settings.branching == "fsb":
+            layer, offset, has = _branch_fsb(conj, relus, pre_s, prow, split_s, alpha_s, beta_s, FSB_CANDIDATES)
+        else:
+            layer, offset, has = _branch(conj, relus, pre_s, prow)
         # A domain with only a few unstable ReLUs left (none: an LP) is decided exactly by HiGHS rather than split
         # further (its max-pool binaries, which ReLU splitting cannot remove, stay in that MILP).
         has = has & (_binaries(conj.net, pre_s, relu_only=True).to(has.device) > _LEAF_RELUS)
@@ -852,6 +992,7 @@ def _settings(
     alpha_steps: int,
     beta_steps: int,
     seed: int,
+    branching: str = "fsb",
 ) -> _Settings:
     for nm, v in (("batch_size", batch_size), ("max_domains", max_domains)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -867,10 +1008,12 @@ def _settings(
     for nm, m in (("bound_method", bound_method), ("root_method", root_method)):
         if m not in ("ibp", "crown", "alpha-crown", "deeppoly"):
             raise InputError(f"verify: {nm} must be 'ibp', 'crown', 'alpha-crown' or 'deeppoly', got {m!r}")
+    if branching not in BRANCHINGS:
+        raise InputError(f"verify: unknown branching {branching!r}; choose one of {BRANCHINGS}")
     return _Settings(
         batch_size, max_domains, bound_method, root_method, int(input_split_threshold), int(milp_threshold),
         attack_restarts,
-        attack_steps, alpha_steps, beta_steps, int(seed),
+        attack_steps, alpha_steps, beta_steps, int(seed), branching,
     )  # fmt: skip
 
 
@@ -913,6 +1056,7 @@ def verify_box(
     attack_steps: int = 40,
     alpha_steps: int = 20,
     beta_steps: int = 5,
+    branching: str = "fsb",
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
 ) -> Verdict:
@@ -942,6 +1086,9 @@ def verify_box(
         attack_steps: PGD steps (0 disables the attack).
         alpha_steps: alpha-CROWN iterations.
         beta_steps: beta-CROWN iterations on ReLU-split sub-domains (0: plain ``bound_method`` bounds).
+        branching: how ReLU splitting picks the neuron to split: ``"fsb"`` (filtered smart branching: the
+            ``FSB_CANDIDATES`` best neurons of two BaBSR scores, each bounded cheaply, the best kept) or
+            ``"babsr"`` (the BaBSR-style score alone).
         dtype: working precision of the bounds (float64 keeps rounding far below any margin that matters).
         seed: seeds the attack's random starts.
 
@@ -958,7 +1105,7 @@ def verify_box(
         batch_size=batch_size, max_domains=max_domains, bound_method=bound_method, root_method=root_method,
         input_split_threshold=input_split_threshold, milp_threshold=milp_threshold, attack_restarts=attack_restarts,
         attack_steps=attack_steps,
-        alpha_steps=alpha_steps, beta_steps=beta_steps, seed=seed,
+        alpha_steps=alpha_steps, beta_steps=beta_steps, seed=seed, branching=branching,
     )  # fmt: skip
     base = as_network(net, input_shape)
     work = base.to(_device_of(base), dtype)
@@ -1014,6 +1161,7 @@ def verify(
     attack_steps: int = 40,
     alpha_steps: int = 20,
     beta_steps: int = 5,
+    branching: str = "fsb",
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
 ) -> Verdict:
@@ -1034,7 +1182,8 @@ def verify(
         input_shape: per-sample input shape (default: the model's ``input_shape``, else the spec's).
         onnx_path: ONNX file for re-executing counterexamples (default: the model's ``onnx_path``).
         batch_size, max_domains, bound_method, root_method, input_split_threshold, milp_threshold,
-            attack_restarts, attack_steps, alpha_steps, beta_steps, dtype, seed: see :func:`verify_box`.
+            attack_restarts, attack_steps, alpha_steps, beta_steps, branching, dtype, seed: see
+            :func:`verify_box`.
 
     Returns:
         A :class:`Verdict`. ``lower_bound`` is the smallest proven margin over the pairs (when all are proven);
@@ -1049,7 +1198,7 @@ def verify(
         batch_size=batch_size, max_domains=max_domains, bound_method=bound_method, root_method=root_method,
         input_split_threshold=input_split_threshold, milp_threshold=milp_threshold, attack_restarts=attack_restarts,
         attack_steps=attack_steps,
-        alpha_steps=alpha_steps, beta_steps=beta_steps, seed=seed,
+        alpha_steps=alpha_steps, beta_steps=beta_steps, seed=seed, branching=branching,
     )  # fmt: skip
     if not isinstance(spec, Spec):
         raise InputError(f"verify: spec must be a bastion.verify.spec.Spec, got {type(spec).__name__}")

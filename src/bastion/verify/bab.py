@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from bastion.errors import InputError
 from bastion.verify.bounds import BoundOptions, compute_bounds
+from bastion.verify.ibp import apply_constraints
 from bastion.verify.ir import Network, as_network
 from bastion.verify.milp import milp_verify
 from bastion.verify.ops import LeakyReLUOp, MaxPool2dOp
@@ -594,19 +595,16 @@ def _beta_crown(
     return lbest, row, {k_: v.detach() for k_, v in alphas.items()}, {k_: v.detach() for k_, v in betas.items()}
 
 
-def _clamp_split(pre: dict[str, BoundsT], relus: list[str], layer: Tensor, offset: Tensor, sign: Tensor) -> None:
-    """In place: domain ``i``'s neuron ``offset[i]`` of ReLU layer ``layer[i]`` split active (``sign`` +1: lower
-    bound raised to 0) or inactive (-1: upper bound lowered to 0)."""
-    ar = torch.arange(layer.numel(), device=layer.device)
+def _set_split(splits: dict[str, Tensor], relus: list[str], layer: Tensor, offset: Tensor, sign: Tensor) -> None:
+    """In place: domain ``i``'s neuron ``offset[i]`` of ReLU layer ``layer[i]`` gets the split decision ``sign[i]``
+    (+1 active, -1 inactive)."""
+    n = layer.numel()
+    ar = torch.arange(n, device=layer.device)
     for li, name in enumerate(relus):
         hit = layer == li
-        if not bool(hit.any()):
-            continue
-        lo, hi = (t.reshape(t.shape[0], -1) for t in pre[name])
-        rows_, cols = ar[hit], offset[hit]
-        act = sign[hit] > 0
-        lo[rows_[act], cols[act]] = lo[rows_[act], cols[act]].clamp(min=0)
-        hi[rows_[~act], cols[~act]] = hi[rows_[~act], cols[~act]].clamp(max=0)
+        if bool(hit.any()):
+            flat = splits[name].reshape(n, -1)
+            flat[ar[hit], offset[hit]] = sign[hit].to(flat.dtype)
 
 
 def _fsb_evaluate(
@@ -630,10 +628,12 @@ def _fsb_evaluate(
         d, f = dom[start : start + _FSB_CHUNK // 2], flat[start : start + _FSB_CHUNK // 2]
         m = d.numel()
         dd = torch.cat([d, d])
-        c_pre = {k: (lo[dd].clone(), hi[dd].clone()) for k, (lo, hi) in pre.items()}
         layer, offset = _locate(pre, relus, f)
         sign = torch.cat([torch.ones(m), -torch.ones(m)]).to(conj.lower.device)
-        _clamp_split(c_pre, relus, layer.repeat(2), offset.repeat(2), sign)
+        new = {k: torch.zeros_like(v[dd]) for k, v in splits.items()}
+        _set_split(new, relus, layer.repeat(2), offset.repeat(2), sign)
+        given = {k: (lo[dd], hi[dd]) for k, (lo, hi) in pre.items()}
+        c_pre = {k: apply_constraints(k, None, given=given, splits=new) for k in pre}
         c_alpha = {k: v[dd].to(dtype) for k, v in alphas.items()}
         c_beta = {k: v[dd].to(dtype).clamp(min=0) for k, v in betas.items()}
         c_split = {k: v[dd] for k, v in splits.items()}
@@ -855,12 +855,7 @@ def _bab_relu(conj: _Conj, settings: _Settings, clock: _Clock, gen: torch.Genera
         child_pre = {k: (lo.repeat(2, *([1] * (lo.dim() - 1))), hi.repeat(2, *([1] * (hi.dim() - 1))))
                      for k, (lo, hi) in pre_g.items()}  # fmt: skip
         sign = torch.cat([torch.ones(m), -torch.ones(m)]).to(torch.int8).to(conj.lower.device)
-        ar = torch.arange(2 * m, device=conj.lower.device)
-        for li, name in enumerate(relus):
-            hit = layer_g.repeat(2) == li
-            if bool(hit.any()):
-                flat = child_split[name].reshape(2 * m, -1)
-                flat[ar[hit], offset_g.repeat(2)[hit]] = sign[hit]
+        _set_split(child_split, relus, layer_g.repeat(2), offset_g.repeat(2), sign)
         clb, crow, cpre = _bound_children(conj, settings, relus, child_split, child_pre, layer_g.repeat(2))
         clb = torch.maximum(clb, plb_g.repeat(2))
         open_ = (clb <= 0).nonzero().reshape(-1)

@@ -142,13 +142,13 @@ def test_relu_bab_agrees_with_milp_on_wider_nets(warm: bool, reuse_all: bool, ro
     A = torch.randn(1, 3, generator=g, dtype=torch.float64)
     exact = milp_minimum(net, lo, hi, A[0])[0]
     b = torch.tensor([exact + (0.05 if seed % 2 else -0.05)], dtype=torch.float64)
-    old = (bab.WARM_START, bab.REUSE_ALL, bab.ROOT_ALPHA_INTERMEDIATE)
+    old = (bab.WARM_START, bab.REUSE_ALL)
     try:
-        bab.WARM_START, bab.REUSE_ALL, bab.ROOT_ALPHA_INTERMEDIATE = warm, reuse_all, root_opt
+        bab.WARM_START, bab.REUSE_ALL = warm, reuse_all
         v = verify_box(model, lo, hi, A, b, timeout=30, method="relu", input_shape=(6,), attack_steps=0,
-                       alpha_steps=5, batch_size=16)  # fmt: skip
+                       alpha_steps=5, batch_size=16, optimize_intermediate=root_opt)  # fmt: skip
     finally:
-        bab.WARM_START, bab.REUSE_ALL, bab.ROOT_ALPHA_INTERMEDIATE = old
+        bab.WARM_START, bab.REUSE_ALL = old
     want = "falsified" if exact < float(b[0]) else "verified"
     assert v.status == want, f"exact margin {exact - float(b[0])}, BaB said {v.status}"
     if want == "verified":

@@ -14,20 +14,12 @@ from bastion.verify.ir import Network
 from bastion.verify.milp import milp_minimum
 from bastion.verify.spec import Region, Spec
 
+from .test_bab_warm import _wide
 
-def _deep(seed: int, d: int = 6, width: int = 16, k: int = 4) -> tuple[nn.Module, Network, Tensor, Tensor]:
+
+def _deep(seed: int) -> tuple[nn.Module, Network, Tensor, Tensor]:
     """A 3-hidden-layer ReLU net (two layers whose bounds alpha-CROWN can tighten) and a box around a point."""
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-        nn.Linear(width, k),
-    )  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    model = model.double().eval()
-    centre = torch.rand(d, generator=g, dtype=torch.float64) * 2 - 1
-    return model, Network.from_module(model, (d,)), centre - 0.3, centre + 0.3
+    return _wide(seed, width=16, depth=3, k=4, radius=0.3)
 
 
 def _robustness(net: Network, lo: Tensor, hi: Tensor, shift: float, break_one: bool) -> tuple[list, list[float]]:

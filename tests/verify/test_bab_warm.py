@@ -13,16 +13,21 @@ from bastion.verify.milp import milp_minimum, milp_verify
 from bastion.verify.ops import LeakyReLUOp
 
 
-def _wide(seed: int, d: int = 6, width: int = 20) -> tuple[nn.Module, Network, Tensor, Tensor]:
-    """A 2-hidden-layer ReLU net with enough unstable neurons on its box that ReLU splitting has work to do."""
+def _wide(
+    seed: int, d: int = 6, width: int = 20, *, depth: int = 2, k: int = 3, radius: float = 0.4
+) -> tuple[nn.Module, Network, Tensor, Tensor]:
+    """A ``depth``-hidden-layer ReLU net with enough unstable neurons on its box that ReLU splitting has work to do."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3))
+    layers: list[nn.Module] = [nn.Linear(d, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, k))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
     model = model.double().eval()
     centre = torch.rand(d, generator=g, dtype=torch.float64) * 2 - 1
-    lo, hi = centre - 0.4, centre + 0.4
+    lo, hi = centre - radius, centre + radius
     return model, Network.from_module(model, (d,)), lo, hi
 
 
